@@ -1,0 +1,54 @@
+"""Shared helpers: synthetic shards in the real format, and tiny in-process training runs."""
+import glob
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data.shards import write_shard  # noqa: E402
+
+TINY_VOCAB = 256
+# A tiny model on the recipe's code path: 2 blocks, width 64, 2 heads of 32, sequences of 32 tokens.
+TINY_FLAGS = ["--num_layers=2", "--model_dim=64", "--num_heads=2", f"--vocab_size={TINY_VOCAB}", "--seq_len=32",
+              "--batch_size=8", "--device_batch_size=4", "--val_tokens=512", "--untimed_steps=2", "--device=cpu",
+              "--embed_lr=0.05", "--val_loss_every=5"]
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$", re.M)
+
+
+def learnable_tokens(n, vocab=TINY_VOCAB, seed=0):
+    """A noisy deterministic chain: the next token is (7*prev + 3) % vocab 90% of the time."""
+    rng = np.random.default_rng(seed)
+    tokens = np.empty(n, dtype=np.int64)
+    tokens[0] = 0
+    noise = rng.integers(0, vocab, n)
+    keep = rng.random(n) < 0.9
+    for i in range(1, n):
+        tokens[i] = (7 * tokens[i - 1] + 3) % vocab if keep[i] else noise[i]
+    return tokens
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two train shards and a val shard of learnable tokens; returns the flags that point at them."""
+    for i in (1, 2):
+        write_shard(tmp_path / f"tiny_train_{i:06d}.bin", learnable_tokens(6000, seed=i))
+    write_shard(tmp_path / "tiny_val_000000.bin", learnable_tokens(2000, seed=99))
+    return [f"--input_bin={tmp_path}/tiny_train_*.bin", f"--input_val_bin={tmp_path}/tiny_val_*.bin",
+            f"--records_dir={tmp_path}/records"]
+
+
+def read_record(records_dir):
+    """The text of the one record file written under records_dir."""
+    paths = glob.glob(os.path.join(records_dir, "*", "*.txt"))
+    assert len(paths) == 1, paths
+    with open(paths[0]) as f:
+        return f.read()
+
+
+def losses(record, kind="train_loss"):
+    return [float(m[3]) for m in STEP_LINE.findall(record) if m[2] == kind]
