@@ -627,7 +627,7 @@ def main(argv):
 
     log = RunLog(record_path(args, datetime.now()) if rank == 0 else None)
     with open(__file__) as f:
-        log(f.read(), console=False)
+        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
     log("=" * 100, console=False)
     for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags():
         log(line, console=False)

@@ -16,7 +16,7 @@ TINY_VOCAB = 256
 # A tiny model on the recipe's code path: 2 blocks, width 64, 2 heads of 32, sequences of 32 tokens.
 TINY_FLAGS = ["--num_layers=2", "--model_dim=64", "--num_heads=2", f"--vocab_size={TINY_VOCAB}", "--seq_len=32",
               "--batch_size=8", "--device_batch_size=4", "--val_tokens=512", "--untimed_steps=2", "--device=cpu",
-              "--embed_lr=0.05", "--val_loss_every=5"]
+              "--val_loss_every=5"]
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$", re.M)
 
 

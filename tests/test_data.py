@@ -1,0 +1,335 @@
+"""data/: the shard validator, the hub downloader (against a local fake hub), the tokenizer, the GPT-2 vocab.
+
+No network is used except PyPI, once, when the GPT-2 vocabulary is not cached yet (data/gpt2_vocab.py).
+"""
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from data.shards import HEADER_INTS, SHARD_MAGIC, check_shard, write_shard  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+def shard_bytes(tokens):
+    buf = io.BytesIO()
+    header = np.zeros(HEADER_INTS, np.int32)
+    header[:3] = SHARD_MAGIC, 1, len(tokens)
+    buf.write(header.tobytes())
+    buf.write(np.asarray(tokens, np.uint16).tobytes())
+    return buf.getvalue()
+
+
+# --- a fake Hugging Face hub ---------------------------------------------------------------------
+
+class FakeHub(ThreadingHTTPServer):
+    """Answers like the hub for the files in `self.repos` ({repo_id: {path: bytes}}); logs every request."""
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.repos, self.log = {}, []
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._answer(body=False)
+
+    def do_GET(self):
+        self._answer(body=True)
+
+    def _send(self, status, headers, data=b"", body=True):
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(data)), "X-Repo-Commit": FakeHub.COMMIT}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _answer(self, body):
+        hub = self.server
+        path = unquote(urlsplit(self.path).path)
+        if path == "/api/agent-harnesses":  # huggingface_hub's own best-effort telemetry: not a data request
+            return self._send(404, {}, b"", body)
+        hub.log.append((self.command, self.path))
+        tree = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/[^/]+/?(.*)", path)
+        resolve = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.+)", path)
+        repo = (tree or resolve)[1] if (tree or resolve) else None
+        if repo not in hub.repos:
+            return self._send(404, {"X-Error-Code": "RepoNotFound"}, b"Repository not found", body)
+        files = hub.repos[repo]
+        if tree:
+            listing = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                       for p, d in sorted(files.items()) if p.startswith(tree[2])]
+            return self._send(200, {"Content-Type": "application/json"}, json.dumps(listing).encode(), body)
+        if resolve[2] not in files:
+            return self._send(404, {"X-Error-Code": "EntryNotFound"}, b"Entry not found", body)
+        data = files[resolve[2]]
+        headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if start:  # resuming an interrupted download
+            s = int(start[1])
+            return self._send(206, {**headers, "Content-Range": f"bytes {s}-{len(data) - 1}/{len(data)}"}, data[s:], body)
+        self._send(200, headers, data, body)
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def run(script, args, tmp_path, hub=None, **env):
+    """Run a data/ script as a user would; returns (returncode, stdout, stderr)."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
+    if hub is not None:
+        e["HF_ENDPOINT"] = hub.url
+    r = subprocess.run([sys.executable, str(ROOT / "data" / script), *map(str, args)],
+                       capture_output=True, text=True, env=e, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def assert_one_line_error(rc, err, *words):
+    assert rc != 0
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    for w in words:
+        assert w in last, last
+    return last
+
+
+# --- check_shard ---------------------------------------------------------------------------------
+
+def test_check_shard_accepts_a_good_shard_and_names_each_problem(tmp_path):
+    good = tmp_path / "good.bin"
+    write_shard(good, [1, 2, 3])
+    assert check_shard(good) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+    cases = {
+        "short": (b"\0" * 100, "too short"),
+        "magic": (b"\1" * 4 + shard_bytes([1])[4:], "wrong magic"),
+        "version": (shard_bytes([1])[:4] + np.int32(2).tobytes() + shard_bytes([1])[8:], "version 2"),
+        "truncated": (shard_bytes([1, 2, 3])[:-2], "truncated"),
+        "extra": (shard_bytes([1, 2, 3]) + b"xx", "1030 bytes"),
+    }
+    for name, (data, words) in cases.items():
+        bad = tmp_path / f"{name}.bin"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=words) as e:
+            check_shard(bad)
+        assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+# --- the downloader ------------------------------------------------------------------------------
+
+def fake_fineweb(hub, n=3):
+    files = {f"fineweb_val_000000.bin": shard_bytes(range(50))}
+    files.update({f"fineweb_train_{i:06d}.bin": shard_bytes(range(i, i + 40 + i)) for i in range(1, n + 1)})
+    hub.repos["kjj0/fineweb10B-gpt2"] = files
+    return files
+
+
+def test_download_fetches_skips_and_refetches(hub, tmp_path):
+    files = fake_fineweb(hub)
+    out = tmp_path / "fineweb10B"
+    rc, stdout, err = run("cached_fineweb10B.py", [2, "--dir", out], tmp_path, hub)
+    assert rc == 0, err
+    names = ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(names)
+    for name in names:
+        assert (out / name).read_bytes() == files[name]
+    assert {p for m, p in hub.log if m == "GET"} == {f"/datasets/kjj0/fineweb10B-gpt2/resolve/main/{n}" for n in names}
+
+    hub.log.clear()  # second run: everything present and valid, so not a single request
+    rc, stdout, err = run("cached_fineweb10B.py", [2, "--dir", out], tmp_path, hub)
+    assert rc == 0, err
+    assert hub.log == []
+    assert "present and valid" in stdout
+
+    bad = out / "fineweb_train_000002.bin"  # a truncated shard is named, removed and fetched again
+    bad.write_bytes(files[bad.name][:-10])
+    rc, stdout, err = run("cached_fineweb10B.py", [2, "--dir", out], tmp_path, hub)
+    assert rc == 0, err
+    assert f"{bad}: header says" in err and "fetch it again" in err
+    assert bad.read_bytes() == files[bad.name]
+    assert {p.rsplit("/", 1)[1] for _, p in hub.log} == {bad.name}
+
+
+def test_download_reports_a_missing_file_repo_and_bad_n(hub, tmp_path):
+    fake_fineweb(hub, n=3)
+    out = tmp_path / "d"
+    rc, _, err = run("cached_fineweb10B.py", [4, "--dir", out], tmp_path, hub)
+    assert_one_line_error(rc, err, "fineweb_train_000004.bin", "not in dataset repo kjj0/fineweb10B-gpt2")
+    assert len(list(out.glob("*.bin"))) == 4  # what did arrive is kept, and checked
+
+    rc, _, err = run("cached_fineweb10B.py", [1, "--set", "fineweb100B", "--dir", tmp_path / "d100"], tmp_path, hub)
+    assert_one_line_error(rc, err, "kjj0/fineweb100B-gpt2", "not found")
+
+    for n in (104, -1):
+        rc, _, err = run("cached_fineweb10B.py", [n, "--dir", out], tmp_path, hub)
+        assert_one_line_error(rc, err, f"N={n} is out of range", "103")
+
+
+def test_download_removes_a_bad_file_from_the_hub(hub, tmp_path):
+    fake_fineweb(hub)["fineweb_train_000001.bin"] = b"<html>not a shard</html>"
+    out = tmp_path / "d"
+    rc, _, err = run("cached_fineweb10B.py", [1, "--dir", out], tmp_path, hub)
+    assert_one_line_error(rc, err, "fineweb_train_000001.bin", "not a valid shard", "run again")
+    assert "too short" in err
+    assert not (out / "fineweb_train_000001.bin").exists()
+
+
+def test_download_offline_and_disk_full_messages(tmp_path, monkeypatch):
+    rc, _, err = run("cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_HUB_OFFLINE="1")
+    assert_one_line_error(rc, err, "fineweb_val_000000.bin", "HF_HUB_OFFLINE")
+
+    from data import cached_fineweb10B
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", disk_full)
+    with pytest.raises(SystemExit, match="disk full while downloading fineweb_val_000000.bin: free"):
+        cached_fineweb10B.fetch(1, local_dir=tmp_path / "d")
+
+
+# --- the GPT-2 vocabulary and the tokenizer ------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gpt2():
+    """tiktoken's gpt2 encoding; fetches the vocabulary from PyPI (openai-whisper sdist) if not cached yet."""
+    from data.gpt2_vocab import ensure_gpt2
+    return ensure_gpt2()
+
+
+def test_gpt2_vocab_offline(gpt2):
+    import tiktoken
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.eot_token == 50256 and gpt2.n_vocab == 50257
+    assert tiktoken.get_encoding("r50k_base").encode(" ünïcode 🚀") == gpt2.encode(" ünïcode 🚀")
+
+
+def decode_shards(gpt2, out, name):
+    paths = sorted(out.glob(f"{name}_*.bin"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return paths, [np.fromfile(p, np.uint16, offset=4 * HEADER_INTS) for p in paths]
+
+
+def check_stream(gpt2, out, name, docs, shard_size):
+    """The shards, in order, are exactly <|endoftext|>doc1<|endoftext|>doc2..., cut every shard_size tokens."""
+    paths, tokens = decode_shards(gpt2, out, name)
+    assert paths[0].name == f"{name}_val_000000.bin"
+    assert [p.name for p in paths[1:]] == [f"{name}_train_{i:06d}.bin" for i in range(1, len(paths))]
+    assert all(len(t) == shard_size for t in tokens[:-1]) and 0 < len(tokens[-1]) <= shard_size
+    stream = np.concatenate(tokens)
+    assert stream[0] == 50256
+    assert gpt2.decode(stream.tolist()) == "".join(EOT + d for d in docs)
+    expected = np.concatenate([[50256] + gpt2.encode_ordinary(d) for d in docs])
+    assert np.array_equal(stream, expected)
+    return paths
+
+
+def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "my text"
+    (src / "sub").mkdir(parents=True)
+    docs = ["Hello world", "Line one.\n\nLine two, ünïcode 🚀 and   spaces.", "A jsonl document.",
+            "Another one <|endoftext|> with the special text inside.", "Parquet row one.", "Parquet row two."]
+    (src / "a.txt").write_text(docs[0])
+    (src / "b.txt").write_text(docs[1])
+    (src / "sub" / "c.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[2:4])))
+    pq.write_table(pa.table({"id": [1, 2], "text": docs[4:]}), src / "sub" / "d.parquet")
+    (src / "notes.md").write_text("not picked up from a folder")
+
+    out = tmp_path / "shards"
+    rc, stdout, err = run("fineweb.py", ["--input", src, "--name", "mine", "--out_dir", out, "--shard_size", 16,
+                                         "--workers", 2], tmp_path)
+    assert rc == 0, err
+    paths = check_stream(gpt2, out, "mine", docs, 16)
+    assert len(paths) >= 4
+    assert f"--input_bin='{out}/mine_train_*.bin'" in stdout
+
+    import train_gpt2  # the trainer's reader and loader agree with the writer
+    for p in paths:
+        assert np.array_equal(train_gpt2.read_shard(p), np.fromfile(p, np.uint16, offset=4 * HEADER_INTS))
+        assert check_shard(p) == len(train_gpt2.read_shard(p))
+    import torch
+    loader = train_gpt2.ShardLoader(str(out / "mine_train_*.bin"), 1, 4, 0, 1, torch.device("cpu"))
+    x, y = loader.next_batch()
+    assert x[0].tolist() == train_gpt2.read_shard(paths[1])[:4].tolist()
+
+    # a glob and single files work too; existing shards are kept unless --overwrite
+    rc, _, err = run("fineweb.py", ["--input", src / "*.txt", "--name", "mine", "--out_dir", out], tmp_path)
+    assert_one_line_error(rc, err, "already has", "--overwrite")
+    rc, _, err = run("fineweb.py", ["--input", src / "*.txt", src / "sub" / "c.jsonl", "--name", "mine",
+                                    "--out_dir", out, "--shard_size", 1000, "--overwrite"], tmp_path)
+    assert rc == 0, err
+    assert "only a val shard" in err
+    check_stream(gpt2, out, "mine", docs[:4], 1000)
+
+
+def test_tokenize_rejects_bad_input_in_one_line(gpt2, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
+    (tmp_path / "doc.csv").write_text("a,b")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    for inp, words in [("bad.jsonl", ["bad.jsonl:2", "'text'"]), ("bad.parquet", ["no 'text' column", "body"]),
+                       ("doc.csv", ["doc.csv", "unsupported"]), ("missing/", ["no .txt/.jsonl/.parquet files"]),
+                       ("latin1.txt", ["latin1.txt", "UTF-8"])]:
+        rc, _, err = run("fineweb.py", ["--input", tmp_path / inp, "--out_dir", tmp_path / "o", "--overwrite"],
+                         tmp_path)
+        assert_one_line_error(rc, err, *words)
+
+
+def test_tokenize_fineweb_config_from_the_hub(gpt2, hub, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"FineWeb document number {i}: some text." for i in range(7)]
+    files = {}
+    for k, part in enumerate([docs[:4], docs[4:]]):
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": part, "id": [str(i) for i in range(len(part))]}), buf)
+        files[f"sample/10BT/{k:03d}_00000.parquet"] = buf.getvalue()
+    files["sample/100BT/000_00000.parquet"] = b"not used"
+    hub.repos["HuggingFaceFW/fineweb"] = files
+
+    out = tmp_path / "fw"
+    rc, stdout, err = run("fineweb.py", ["--out_dir", out, "--shard_size", 20], tmp_path, hub)
+    assert rc == 0, err
+    check_stream(gpt2, out, "fineweb", docs, 20)
+    assert not any("100BT" in p for _, p in hub.log)
+
+    rc, _, err = run("fineweb.py", ["--out_dir", tmp_path / "o"], tmp_path, HF_HUB_OFFLINE="1")
+    assert_one_line_error(rc, err, "HF_HUB_OFFLINE")
