@@ -22,3 +22,20 @@ def write_shard(path, tokens):
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16).tobytes())
     os.replace(tmp, path)
+
+
+def check_shard(path):
+    """Return the token count of the shard at `path`; raise ValueError (one line, naming the file) if it is malformed."""
+    size = os.path.getsize(path)
+    if size < 4 * HEADER_INTS:
+        raise ValueError(f"{path}: too short for a shard header ({size} bytes < {4 * HEADER_INTS})")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC}): not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    if n < 0 or size != 4 * HEADER_INTS + 2 * n:
+        raise ValueError(f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
+                         f"but the file has {size} bytes: truncated or corrupt")
+    return n

@@ -1,0 +1,1 @@
+"""Data tools: shard format, FineWeb downloader, tokenizer."""

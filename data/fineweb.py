@@ -1,0 +1,235 @@
+"""Tokenize text into GPT-2 token shards for train_gpt2.py.
+
+    python data/fineweb.py                              # FineWeb sample-10BT from the hub -> data/fineweb10B/
+    python data/fineweb.py --version 100B               # FineWeb sample-100BT -> data/fineweb100B/
+    python data/fineweb.py --input my_texts/ --name mine    # your own text -> data/mine/
+
+Local inputs: folders (searched recursively), files or quoted globs of .txt (one document per
+file), .jsonl (one JSON object with a "text" field per line) or .parquet (a "text" column).
+Each document becomes <|endoftext|> followed by its tokens (tiktoken gpt2, encode_ordinary),
+tokenized on all CPU cores. The token stream is cut every --shard_size tokens into
+<name>_val_000000.bin (the validation shard), then <name>_train_000001.bin, ...; the last
+shard holds the remainder. Each shard is written atomically (temporary file, then rename).
+"""
+import argparse
+import glob
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data.shards import write_shard  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+FINEWEB = "HuggingFaceFW/fineweb"
+EOT = 50256
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+_enc = None
+
+
+def _init_worker():
+    global _enc
+    import tiktoken
+    _enc = tiktoken.get_encoding("gpt2")  # the parent seeded the cache (data/gpt2_vocab.py)
+
+
+def tokenize(text):
+    """<|endoftext|> then the GPT-2 tokens of `text`, as uint16."""
+    tokens = np.array([EOT] + _enc.encode_ordinary(text), dtype=np.int64)
+    assert tokens.max() < 2**16, "token ids must fit uint16"
+    return tokens.astype(np.uint16)
+
+
+# --- document sources ------------------------------------------------------------------------
+
+def _parquet_texts(path):
+    import pyarrow.parquet as pq
+    try:
+        f = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 -- pyarrow raises several kinds for a bad file
+        raise SystemExit(f"{path}: not a readable parquet file ({e})")
+    if "text" not in f.schema_arrow.names:
+        raise SystemExit(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
+    for batch in f.iter_batches(columns=["text"], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
+
+
+def _file_texts(path):
+    if path.suffix == ".parquet":
+        yield from _parquet_texts(path)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix == ".txt":
+                yield f.read()
+                return
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        doc = json.loads(line)
+                        assert isinstance(doc["text"], str)
+                    except (ValueError, TypeError, KeyError, AssertionError):
+                        raise SystemExit(f"{path}:{lineno}: not a JSON object with a 'text' string") from None
+                    yield doc["text"]
+    except UnicodeDecodeError:
+        raise SystemExit(f"{path}: not UTF-8 text") from None
+
+
+def local_files(inputs):
+    """The files named by `inputs` (files, folders, globs), in a stable order."""
+    files = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        elif p.is_file():
+            found = [p]
+        else:
+            found = [Path(f) for f in sorted(glob.glob(inp, recursive=True)) if Path(f).is_file()]
+        if not found:
+            raise SystemExit(f"no {'/'.join(SUFFIXES)} files found at {inp}")
+        bad = [f for f in found if f.suffix not in SUFFIXES]
+        if bad:
+            raise SystemExit(f"{bad[0]}: unsupported file type; use .txt, .jsonl or .parquet")
+        files += found
+    return files
+
+
+def local_texts(files):
+    for f in files:
+        yield from _file_texts(f)
+
+
+def fineweb_texts(version, endpoint=None):
+    """Documents of FineWeb's sample-<version>T config, file by file (files are kept in the HF cache)."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from data.cached_fineweb10B import hub_error
+    folder = f"sample/{version}T"
+    try:
+        files = sorted(f.path for f in HfApi(endpoint=endpoint).list_repo_tree(FINEWEB, folder, repo_type="dataset")
+                       if f.path.endswith(".parquet"))
+    except Exception as e:  # noqa: BLE001
+        raise SystemExit(hub_error(e, f"the file list of {folder}", FINEWEB))
+    if not files:
+        raise SystemExit(f"no parquet files under {folder} in {FINEWEB}: check --version")
+    for k, name in enumerate(files, 1):
+        print(f"[{k}/{len(files)}] {FINEWEB}/{name}", file=sys.stderr, flush=True)
+        try:
+            path = hf_hub_download(FINEWEB, name, repo_type="dataset", endpoint=endpoint)
+        except Exception as e:  # noqa: BLE001
+            raise SystemExit(hub_error(e, name, FINEWEB))
+        yield from _parquet_texts(path)
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Cuts a token stream into shards of exactly `shard_size` tokens: val first, then train."""
+
+    def __init__(self, out_dir, name, shard_size):
+        self.out_dir, self.name, self.size = Path(out_dir), name, shard_size
+        self.buf = np.empty(shard_size, dtype=np.uint16)
+        self.n = 0
+        self.written = []  # (path, token count)
+
+    def add(self, tokens):
+        while len(tokens):
+            k = min(len(tokens), self.size - self.n)
+            self.buf[self.n:self.n + k] = tokens[:k]
+            self.n, tokens = self.n + k, tokens[k:]
+            if self.n == self.size:
+                self.flush()
+
+    def flush(self):
+        if self.n:
+            i = len(self.written)
+            path = self.out_dir / f"{self.name}_{'val' if i == 0 else 'train'}_{i:06d}.bin"
+            write_shard(path, self.buf[:self.n])
+            self.written.append((path, self.n))
+            print(f"wrote {path} ({self.n:,} tokens)", file=sys.stderr, flush=True)
+            self.n = 0
+
+
+def _batches(it, size):
+    batch = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_to_shards(texts, out_dir, name, shard_size, workers):
+    writer = ShardWriter(out_dir, name, shard_size)
+    with mp.Pool(workers, initializer=_init_worker) as pool:
+        for batch in _batches(texts, 256 * workers):  # bounded: Pool.imap alone would read all input ahead
+            for tokens in pool.imap(tokenize, batch, chunksize=16):
+                writer.add(tokens)
+    writer.flush()
+    return writer.written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults: FineWeb sample-10BT.",
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help="local .txt/.jsonl/.parquet files, folders or globs (default: FineWeb from the hub)")
+    p.add_argument("--version", choices=["10B", "100B"], default="10B",
+                   help="FineWeb config sample-10BT or sample-100BT (without --input)")
+    p.add_argument("--name", default="fineweb", help="shard file prefix (default fineweb)")
+    p.add_argument("--out_dir", help="output folder (default data/fineweb<version>, or data/<name> with --input)")
+    p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default 10^8)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing <name>_*.bin shards in the folder")
+    args = p.parse_args(argv)
+    if args.shard_size < 1 or args.workers < 1:
+        raise SystemExit("--shard_size and --workers must be at least 1")
+    if args.input:
+        texts = local_texts(local_files(args.input))
+        out_dir = Path(args.out_dir or HERE / args.name)
+    else:
+        texts = fineweb_texts(args.version)
+        out_dir = Path(args.out_dir or HERE / f"fineweb{args.version}")
+
+    old = sorted(glob.glob(str(out_dir / f"{glob.escape(args.name)}_val_*.bin")) +
+                 glob.glob(str(out_dir / f"{glob.escape(args.name)}_train_*.bin")))
+    if old and not args.overwrite:
+        raise SystemExit(f"{out_dir} already has {len(old)} {args.name}_*.bin shards: "
+                         "pass --overwrite to replace them, or choose another --name or --out_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for f in old:
+            os.remove(f)
+    except OSError as e:
+        raise SystemExit(f"cannot write to {out_dir}: {e.strerror}")
+
+    from data.gpt2_vocab import ensure_gpt2
+    try:
+        ensure_gpt2()
+    except RuntimeError as e:
+        raise SystemExit(str(e))
+    try:
+        written = tokenize_to_shards(texts, out_dir, args.name, args.shard_size, args.workers)
+    except OSError as e:
+        raise SystemExit(f"cannot write shards to {out_dir}: {e.strerror}")
+    if not written:
+        raise SystemExit("no documents found in the input")
+    total = sum(n for _, n in written)
+    print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
+    if len(written) == 1:
+        print(f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
+              file=sys.stderr)
+    print(f"train on them with: --input_bin='{out_dir}/{args.name}_train_*.bin' "
+          f"--input_val_bin='{out_dir}/{args.name}_val_*.bin'")
+
+
+if __name__ == "__main__":
+    main()
