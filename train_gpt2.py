@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ class Hyperparameters:
     input_bin: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
     input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards (the first is used)
     batch_size: int = 512  # sequences per optimizer step, over all devices and micro-steps
-    device_batch_size: int = 64  # sequences per device per micro-step (accumulation makes up the rest)
+    device_batch_size: int = 0  # sequences per device per micro-step; 0 or auto = the most that fits, up to 64
     seq_len: int = 1024  # tokens per sequence
     num_iterations: int = 3242  # optimizer steps
     warmdown_iters: int = 926  # last steps over which every learning rate decays linearly to 0
@@ -70,14 +71,23 @@ class Hyperparameters:
     compile: str = "auto"  # torch.compile: auto (on for CUDA, off for CPU), true or false
     run_name: str = "run"  # record name: the log goes to records_dir/<date>_<run_name>/
     records_dir: str = "records"  # where run logs are written
+    checkpoint_dir: str = "checkpoints"  # where checkpoints are written (outside records/: they are large)
+    save_every: int = 0  # checkpoint every this many steps; 0 = off
+    save_every_minutes: float = 30.0  # checkpoint every this many minutes of wall time; 0 = off
+    keep_checkpoints: int = 2  # newest checkpoints of this run kept on disk (also one on SIGINT/SIGTERM)
+    resume: str = ""  # checkpoint to continue from: a path, or latest (newest under checkpoint_dir)
+    memory_limit_gb: float = 0.0  # cap this process's GPU memory, to rehearse a smaller card; 0 = no cap
+    progress_seconds: float = 10.0  # console progress line (steps/s, tokens/s, ETA) this often; 0 = off
 
     def validate(self):
         """Refuse values that cannot run, with a message naming the flag."""
-        for name in ("batch_size", "device_batch_size", "seq_len", "num_iterations", "vocab_size", "num_layers",
+        for name in ("batch_size", "seq_len", "num_iterations", "vocab_size", "num_layers",
                      "model_dim", "num_heads", "mlp_ratio", "val_tokens", "muon_ns_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmdown_iters", "val_loss_every", "untimed_steps", "muon_momentum_warmup_steps"):
+        for name in ("device_batch_size", "warmdown_iters", "val_loss_every", "untimed_steps",
+                     "muon_momentum_warmup_steps", "save_every", "save_every_minutes", "keep_checkpoints",
+                     "memory_limit_gb", "progress_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("embed_lr", "head_lr", "scalar_lr", "muon_lr", "logit_softcap", "rope_base"):
@@ -103,12 +113,13 @@ class Hyperparameters:
 
     def grad_accum_steps(self, world_size):
         """Micro-steps per optimizer step that keep the global batch exact on this many devices."""
-        per_step = self.device_batch_size * world_size
-        if self.batch_size % per_step:
-            raise ConfigError(f"--batch_size={self.batch_size} is not a multiple of --device_batch_size="
-                              f"{self.device_batch_size} x {world_size} devices; pick a device_batch_size that divides "
-                              f"{self.batch_size // world_size if self.batch_size % world_size == 0 else self.batch_size}")
-        return self.batch_size // per_step
+        if self.batch_size % world_size:
+            raise ConfigError(f"--batch_size={self.batch_size} does not split evenly over {world_size} devices")
+        per_device = self.batch_size // world_size
+        if self.device_batch_size and per_device % self.device_batch_size:
+            raise ConfigError(f"--device_batch_size={self.device_batch_size} does not divide the {per_device} "
+                              f"sequences per device ({self.batch_size} / {world_size} devices); use a divisor or auto")
+        return per_device // (self.device_batch_size or per_device)
 
     def as_flags(self):
         return [f"--{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
@@ -120,8 +131,11 @@ def field_help():
     return dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, flags=re.M))
 
 
-def parse_args(argv):
-    """Build Hyperparameters from `--name=value` flags; any unknown or malformed flag is a ConfigError."""
+MACHINE_FIELDS = ("device_batch_size", "device", "compile", "resume", "memory_limit_gb")  # not inherited on resume
+
+
+def parse_flags(argv):
+    """The `--name=value` flags as a dict of typed values; any unknown or malformed flag is a ConfigError."""
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
     values = {}
     for arg in argv:
@@ -133,10 +147,14 @@ def parse_args(argv):
             raise ConfigError(f"unknown flag --{name} (see --help for the list)")
         kind = fields[name].type
         try:
-            values[name] = kind(text)
+            values[name] = 0 if (name, text) == ("device_batch_size", "auto") else kind(text)
         except ValueError:
             raise ConfigError(f"--{name} takes {kind.__name__}, got {text!r}") from None
-    return Hyperparameters(**values).validate()
+    return values
+
+
+def parse_args(argv):
+    return Hyperparameters(**parse_flags(argv)).validate()
 
 
 def usage():
@@ -178,24 +196,46 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum))
         self.ns_steps, self.rank, self.world_size, self.ns_dtype = ns_steps, rank, world_size, ns_dtype
 
+    def _owned(self, params):
+        return range(self.rank, len(params), self.world_size)
+
+    def _gather_from_owners(self, params, values, dtype):
+        """Every rank gets each owner's value: one all-reduce of a flat buffer, zero outside the owners' slices."""
+        offsets = np.cumsum([0] + [p.numel() for p in params])
+        flat = torch.zeros(offsets[-1], dtype=dtype, device=params[0].device)
+        for index in self._owned(params):
+            flat[offsets[index]:offsets[index + 1]] = values(params[index]).flatten()
+        if self.world_size > 1:
+            dist.all_reduce(flat)  # a sum with one non-zero term per element: exact
+        return [flat[start:end].view_as(p) for p, start, end in zip(params, offsets[:-1], offsets[1:])]
+
+    def _orthogonalized_update(self, p, momentum):
+        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        buf.mul_(momentum).add_(p.grad)
+        update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=momentum), self.ns_steps, self.ns_dtype)  # Nesterov
+        return update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS per element for tall matrices
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=self.ns_dtype, device=params[0].device)
-            offsets = np.cumsum([0] + [p.numel() for p in params])
-            for index in range(self.rank, len(params), self.world_size):
-                p = params[index]
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                update = newton_schulz_orthogonalize(update, self.ns_steps, self.ns_dtype)
-                update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS per element for tall matrices
-                flat[offsets[index]:offsets[index + 1]] = update.flatten()
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            for p, start, end in zip(params, offsets[:-1], offsets[1:]):
-                p.add_(flat[start:end].view_as(p).to(p.dtype), alpha=-group["lr"])
+            updates = self._gather_from_owners(params, lambda p: self._orthogonalized_update(p, group["momentum"]),
+                                               self.ns_dtype)
+            for p, update in zip(params, updates):
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+
+    @torch.no_grad()
+    def momentum_buffers(self):
+        """All momentum buffers, gathered from their owners, so a checkpoint resumes on any world size."""
+        params = self.param_groups[0]["params"]
+        zeros = lambda p: self.state[p].get("momentum_buffer", torch.zeros_like(p))  # noqa: E731
+        return [buf.clone() for buf in self._gather_from_owners(params, zeros, torch.float32)]
+
+    @torch.no_grad()
+    def load_momentum_buffers(self, buffers):
+        params = self.param_groups[0]["params"]
+        for index in self._owned(params):
+            self.state[params[index]]["momentum_buffer"] = buffers[index].to(params[index])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,7 +416,10 @@ class ShardLoader:
         self.reset()
 
     def reset(self):
-        self.shard_index, self.position, self.tokens = 0, 0, read_shard(self.files[0])
+        self.seek(0, 0)
+
+    def seek(self, shard_index, position):
+        self.shard_index, self.position, self.tokens = shard_index, position, read_shard(self.files[shard_index])
 
     def next_batch(self):
         """This rank's (inputs, targets) for one optimizer step, each of shape (batch_size/world, seq_len)."""
@@ -415,10 +458,29 @@ def setup_distributed(device_choice):
     return rank, world_size, device
 
 
-def all_reduce_mean(value, world_size):
+def choose_attention_backend(device):
+    """cuDNN attention on Hopper (the record's choice, faster than flash there); PyTorch's pick elsewhere."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return f"attention: PyTorch's default SDPA backend on {device_name(device)}"
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_math_sdp):
+        enable(False)
+    try:
+        q = torch.zeros(1, 2, 16, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        return "attention: cuDNN SDPA (Hopper)"
+    except RuntimeError as e:
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_math_sdp):
+            enable(True)
+        return f"attention: cuDNN SDPA failed ({str(e).splitlines()[0][:80]}); fell back to PyTorch's default"
+
+
+def all_reduce_sum(value, world_size):
     if world_size > 1:
         dist.all_reduce(value)  # SUM: gloo has no AVG
-    return value / world_size
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,22 +496,18 @@ class RunLog:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self.file = open(path, "x")  # "x": never overwrite an earlier record
 
-    def __call__(self, line="", console=True):
+    def __call__(self, line="", console=True, record=True):
         if self.file is None:
             return
         if console:
             print(line, flush=True)
-        self.file.write(line + "\n")
-        self.file.flush()
+        if record:
+            self.file.write(line + "\n")
+            self.file.flush()
 
     def close(self):
         if self.file:
             self.file.close()
-
-
-def record_path(args, now):
-    run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
-    return os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
 
 
 def environment_lines(device):
@@ -484,13 +542,171 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
 
-def step_line(step, num_iterations, kind, loss, train_ms, timed_steps):
-    step_avg = train_ms / timed_steps if timed_steps > 0 else float("nan")
-    return f"step:{step}/{num_iterations} {kind}:{loss:.4f} train_time:{train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
+def step_line(step, num_iterations, kind, loss, clock):
+    step_avg = clock.train_ms / clock.timed_steps if clock.timed_steps else float("nan")
+    return (f"step:{step}/{num_iterations} {kind}:{loss:.4f} train_time:{clock.train_ms:.0f}ms "
+            f"step_avg:{step_avg:.2f}ms")
+
+
+def summary_line(final_val_loss, clock, device, world_size):
+    step_avg = clock.train_ms / clock.timed_steps if clock.timed_steps else float("nan")
+    return (f"summary: final_val_loss:{final_val_loss:.4f} train_time:{clock.train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
+            f" peak_memory:{peak_memory_mib(device)}MiB world_size:{world_size} device:{device_name(device)}")
+
+
+def duration(seconds):
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
+        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of another model."""
+
+
+def find_latest_checkpoint(checkpoint_dir):
+    paths = glob.glob(os.path.join(checkpoint_dir, "**", "*.pt"), recursive=True)
+    if not paths:
+        raise CheckpointError(f"--resume=latest found no checkpoint under {checkpoint_dir}/")
+    return max(paths, key=os.path.getmtime)
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
+    return checkpoint
+
+
+def resolve_args(argv):
+    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under the given flags."""
+    flags = parse_flags(argv)
+    if not flags.get("resume"):
+        return Hyperparameters(**flags).validate(), None
+    checkpoint_dir = flags.get("checkpoint_dir", Hyperparameters.checkpoint_dir)
+    path = find_latest_checkpoint(checkpoint_dir) if flags["resume"] == "latest" else flags["resume"]
+    checkpoint = load_checkpoint(path)
+    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k not in MACHINE_FIELDS}
+    args = Hyperparameters(**{**inherited, **flags, "resume": path}).validate()
+    for name in SHAPE_FIELDS:
+        if getattr(args, name) != inherited[name]:
+            raise CheckpointError(f"{path} holds a model with --{name}={inherited[name]}, not {getattr(args, name)}: "
+                                  f"resume it without changing the model shape")
+    return args, checkpoint
+
+
+class Checkpointer:
+    """Atomic checkpoints (temp file, then rename) of everything a resumed run needs; keeps the newest K."""
+
+    def __init__(self, args, run_id, rank):
+        self.args, self.rank, self.saved = args, rank, []
+        self.prefix = os.path.join(args.checkpoint_dir, args.run_name, run_id)
+        self.last_save = time.monotonic()
+
+    def due(self, step):
+        minutes = self.args.save_every_minutes
+        return bool(self.args.save_every and step % self.args.save_every == 0) or \
+            bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
+
+    def save(self, step, model, optimizers, train_loader, clock, record):
+        momentum = optimizers[1].momentum_buffers()  # a collective: every rank takes part
+        self.last_save = time.monotonic()
+        if self.rank != 0:
+            return None
+        path = f"{self.prefix}-step{step:06d}.pt"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(self.args), step=step,
+                     model=model.state_dict(), adam=optimizers[0].state_dict(), muon_momentum=momentum,
+                     data=dict(shard_index=train_loader.shard_index, position=train_loader.position),
+                     train_ms=clock.train_ms, timed_steps=clock.timed_steps, record=record,
+                     rng=dict(cpu=torch.get_rng_state(),
+                              cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)))
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        self.saved.append(path)
+        while len(self.saved) > self.args.keep_checkpoints:
+            os.remove(self.saved.pop(0))
+        return path
+
+
+def restore(checkpoint, model, optimizers, train_loader, clock):
+    """Load a checkpoint into freshly built objects; returns the step to continue from."""
+    model.load_state_dict(checkpoint["model"])
+    optimizers[0].load_state_dict(checkpoint["adam"])
+    optimizers[1].load_momentum_buffers(checkpoint["muon_momentum"])
+    train_loader.seek(**checkpoint["data"])
+    clock.train_ms, clock.timed_steps = checkpoint["train_ms"], checkpoint["timed_steps"]
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return checkpoint["step"]
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signal, self.previous = None, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
 
 
 # ----------------------------------------------------------------------------------------------
 # Training loop
+
+
+class Clock:
+    """Device-synchronized train time; validation, checkpoints and the untimed warmup steps are left out."""
+
+    def __init__(self, device):
+        self.device, self.train_ms, self.timed_steps, self.since = device, 0.0, 0, None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self.since = time.perf_counter()
+
+    def stop(self):
+        was_running = self.since is not None
+        if was_running:
+            self._sync()
+            self.train_ms += 1000 * (time.perf_counter() - self.since)
+            self.since = None
+        return was_running
+
+    def lap(self):
+        """Count one finished timed step (the caller has synchronized, e.g. through .item())."""
+        if self.since is not None:
+            now = time.perf_counter()
+            self.train_ms += 1000 * (now - self.since)
+            self.timed_steps, self.since = self.timed_steps + 1, now
 
 
 def build_optimizers(model, args, rank, world_size, device):
@@ -520,6 +736,37 @@ def muon_momentum(step, args):
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
 
 
+def choose_device_batch_size(model, args, world_size, device):
+    """(micro-batch, reason): the largest divisor of the per-device batch, at most 64 (the recipe), whose
+    forward+backward fits beside room for the optimizer states; agreed on by all ranks (their minimum)."""
+    per_device = args.batch_size // world_size
+    candidates = [size for size in range(min(64, per_device), 0, -1) if per_device % size == 0]
+    if device.type != "cuda":
+        return candidates[0], "auto on CPU: no memory probe, the largest candidate"
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
+    reason = "fits"
+    for size in candidates:
+        try:
+            reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
+            tokens = torch.zeros(size, args.seq_len, dtype=torch.long, device=device)
+            model(tokens, tokens).backward()
+            del reserve
+            break
+        except torch.OutOfMemoryError:
+            reason = f"{size} ran out of memory"
+        finally:
+            reserve = tokens = None
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    else:
+        raise ConfigError(f"even one sequence of {args.seq_len} tokens does not fit in {device_name(device)}'s memory")
+    chosen = torch.tensor(size, device=device)
+    if world_size > 1:
+        dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(chosen), f"auto: {reason}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB card"
+
+
 @torch.no_grad()
 def evaluate(model, val_loader, args, accum_steps, world_size):
     """Mean loss over exactly the first val_tokens tokens of the val shard, averaged over all ranks."""
@@ -532,84 +779,106 @@ def evaluate(model, val_loader, args, accum_steps, world_size):
             total += model(xm, ym).float()
             count += 1
     model.train()
-    return all_reduce_mean(total / count, world_size).item()
+    return (all_reduce_sum(total, world_size) / (count * world_size)).item()
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class Run:
+    """Everything one training run holds, built before the record opens so bad input fails in one line."""
 
+    def __init__(self, args, rank, world_size, device, checkpoint):
+        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
+        self.notes = [choose_attention_backend(device)]
+        self.train_loader = ShardLoader(args.input_bin, args.batch_size, args.seq_len, rank, world_size, device)
+        self.val_loader = ShardLoader(args.input_val_bin, args.batch_size, args.seq_len, rank, world_size, device)
+        val_shard = read_shard(self.val_loader.files[0])
+        if len(val_shard) < args.val_tokens + 1:
+            raise ShardError(f"{self.val_loader.files[0]}: {len(val_shard)} tokens is fewer than "
+                             f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
+        torch.manual_seed(args.seed)
+        self.model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
+        self.optimizers = build_optimizers(self.model, args, rank, world_size, device)
+        self.clock, self.start_step, self.parent = Clock(device), 0, None
+        if checkpoint is not None:
+            self.start_step = restore(checkpoint, self.model, self.optimizers, self.train_loader, self.clock)
+            self.parent = f"resumed_from: {args.resume} at step {self.start_step} (parent record {checkpoint['record']})"
+        if not args.device_batch_size:
+            args.device_batch_size, reason = choose_device_batch_size(self.model, args, world_size, device)
+            self.notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
+        self.accum_steps = args.grad_accum_steps(world_size)
+        compiled = torch.compile(self.model) if args.compile == "true" else self.model
+        self.ddp = compiled if world_size == 1 else \
+            DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
 
-def train(args, rank, world_size, device, log, summary):
-    """Run the recipe, keeping `summary` current so that a stopped run still logs one.
-
-    Raises FloatingPointError on a non-finite loss."""
-    accum_steps = args.grad_accum_steps(world_size)
-    train_loader = ShardLoader(args.input_bin, args.batch_size, args.seq_len, rank, world_size, device)
-    val_loader = ShardLoader(args.input_val_bin, args.batch_size, args.seq_len, rank, world_size, device)
-    if len(read_shard(val_loader.files[0])) < args.val_tokens + 1:
-        raise ShardError(f"{val_loader.files[0]}: {len(read_shard(val_loader.files[0]))} tokens is fewer than "
-                         f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
-    torch.manual_seed(args.seed)
-    raw_model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
-    model = torch.compile(raw_model) if args.compile == "true" else raw_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizers = build_optimizers(raw_model, args, rank, world_size, device)
-
-    train_ms, t0 = 0.0, time.perf_counter()
-    for step in range(args.num_iterations + 1):
-        last_step = step == args.num_iterations
-        if step == args.untimed_steps:
-            synchronize(device)
-            train_ms, t0 = 0.0, time.perf_counter()  # the clock starts after compilation and warmup
-        timed_steps = max(0, step - args.untimed_steps)
-        if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
-            synchronize(device)
-            train_ms += 1000 * (time.perf_counter() - t0) if timed_steps else 0.0
-            val_loss = evaluate(model, val_loader, args, accum_steps, world_size)
-            log(step_line(step, args.num_iterations, "val_loss", val_loss, train_ms, timed_steps))
-            summary.update(final_val_loss=val_loss, train_ms=train_ms, timed_steps=timed_steps, step=step)
-            synchronize(device)
-            t0 = time.perf_counter()  # validation is not timed
-        if last_step:
-            break
-
-        x, y = train_loader.next_batch()
-        train_loss = torch.zeros((), device=device)
-        for micro_step, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
-            sync_grads = micro_step == accum_steps - 1 or world_size == 1
-            with nullcontext() if sync_grads else model.no_sync():  # all-reduce only once, after the last micro-step
-                loss = model(xm, ym)
-                (loss / accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
-            train_loss += loss.detach().float() / accum_steps
-        for opt in optimizers:
+    def train_step(self, step):
+        """One optimizer step over the global batch; returns this rank's mean micro-step loss (on device)."""
+        x, y = self.train_loader.next_batch()
+        train_loss = torch.zeros((), device=self.device)
+        for micro_step, (xm, ym) in enumerate(zip(x.chunk(self.accum_steps), y.chunk(self.accum_steps))):
+            last_micro_step = micro_step == self.accum_steps - 1
+            with nullcontext() if last_micro_step or self.world_size == 1 else self.ddp.no_sync():
+                loss = self.ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
+                (loss / self.accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
+            train_loss += loss.detach().float() / self.accum_steps
+        for opt in self.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step, args)
-        optimizers[1].param_groups[0]["momentum"] = muon_momentum(step, args)
-        for opt in optimizers:
+                group["lr"] = group["initial_lr"] * lr_multiplier(step, self.args)
+        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum(step, self.args)
+        for opt in self.optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        self.ddp.zero_grad(set_to_none=True)
+        return train_loss
 
-        train_loss = all_reduce_mean(train_loss, world_size).item()  # .item() also synchronizes the device
-        timed_steps = max(0, step + 1 - args.untimed_steps)
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0) if timed_steps else 0.0
-        log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, elapsed, timed_steps))
-        summary.update(train_ms=elapsed, timed_steps=timed_steps, step=step + 1)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
-                                     f"or check the data")
+    def loop(self, log, checkpointer, stop, status):
+        """Train to num_iterations, validating, checkpointing and stopping on request at step boundaries.
+
+        Returns None at the end, or why it stopped early."""
+        args, clock = self.args, self.clock
+        progress_at, progress_step = time.monotonic(), self.start_step
+        save_now = stop_now = False
+        for step in range(self.start_step, args.num_iterations + 1):
+            last_step = step == args.num_iterations
+            if step == self.start_step + args.untimed_steps:
+                clock.start()  # after compilation and warmup, in every (resumed) process
+            if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
+                running = clock.stop()
+                status["final_val_loss"] = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
+                                                    self.world_size)
+                log(step_line(step, args.num_iterations, "val_loss", status["final_val_loss"], clock))
+                if running:
+                    clock.start()
+            periodic = args.save_every or args.save_every_minutes
+            if step > self.start_step and (save_now or stop_now or (last_step and periodic)):
+                running = clock.stop()
+                path = checkpointer.save(step, self.model, self.optimizers, self.train_loader, clock, log.path)
+                log(f"checkpoint: {path}", record=stop_now or last_step)
+                if running:
+                    clock.start()
+            if stop_now:
+                return f"{signal.Signals(stop.signal).name} at step {step}: checkpoint saved, resume with --resume"
+            if last_step:
+                return None
+
+            train_loss = self.train_step(step)
+            flags = torch.tensor([stop.signal is not None, checkpointer.due(step + 1)], device=self.device)
+            requests = torch.cat([train_loss.view(1), flags.float()])
+            loss_sum, stop_votes, save_votes = all_reduce_sum(requests, self.world_size).tolist()  # ranks agree
+            clock.lap()
+            train_loss, stop_now, save_now = loss_sum / self.world_size, stop_votes > 0, save_votes > 0
+            log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
+            status["step"] = step + 1
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
+                                         f"or check the data")
+            if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
+                rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
+                log(f"step {step + 1}/{args.num_iterations} train_loss {train_loss:.4f} | {rate:.2f} steps/s "
+                    f"{rate * args.batch_size * args.seq_len:,.0f} tokens/s | train_time {duration(clock.train_ms / 1000)}"
+                    f" eta {duration((args.num_iterations - step - 1) / rate)}", record=False)
+                progress_at, progress_step = time.monotonic(), step + 1
 
 
 # ----------------------------------------------------------------------------------------------
 # main
-
-
-def summary_line(summary, device, world_size):
-    step_avg = summary["train_ms"] / summary["timed_steps"] if summary["timed_steps"] else float("nan")
-    return (f"summary: final_val_loss:{summary['final_val_loss']:.4f} train_time:{summary['train_ms']:.0f}ms "
-            f"step_avg:{step_avg:.2f}ms peak_memory:{peak_memory_mib(device)}MiB world_size:{world_size} "
-            f"device:{device_name(device)}")
 
 
 def main(argv):
@@ -617,41 +886,59 @@ def main(argv):
         print(usage())
         return 0
     try:
-        args = parse_args(argv)
+        args, checkpoint = resolve_args(argv)
         rank, world_size, device = setup_distributed(args.device)
         args.grad_accum_steps(world_size)
-    except ConfigError as e:
+        if args.memory_limit_gb and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
+        args.compile = {"auto": "true" if device.type == "cuda" else "false"}.get(args.compile, args.compile)
+        run = Run(args, rank, world_size, device, checkpoint)
+    except (ConfigError, ShardError, CheckpointError) as e:
         raise SystemExit(f"train_gpt2.py: {e}") from None
-    if args.compile == "auto":
-        args.compile = "true" if device.type == "cuda" else "false"
+    except torch.OutOfMemoryError:
+        raise SystemExit("train_gpt2.py: out of GPU memory while building the model: use a GPU with more memory")
 
-    log = RunLog(record_path(args, datetime.now()) if rank == 0 else None)
+    now = datetime.now()
+    run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
+    log = RunLog(os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt") if rank == 0
+                 else None)
     with open(__file__) as f:
         log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
     log("=" * 100, console=False)
-    for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags():
+    for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + run.notes:
         log(line, console=False)
     log("=" * 100, console=False)
+    if run.parent:
+        log(run.parent)
     if rank == 0:
-        print(f"record: {log.path}  (world size {world_size}, {device_name(device)}, "
-              f"{args.grad_accum_steps(world_size)} micro-steps per step)", flush=True)
+        print(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
+              f"{args.device_batch_size} x {run.accum_steps} micro-steps)", flush=True)
 
-    summary, status = dict(final_val_loss=float("nan"), train_ms=0.0, timed_steps=0, step=0), 0
-    try:
-        train(args, rank, world_size, device, log, summary)
-    except (ShardError, ConfigError, FloatingPointError) as e:
-        log(f"stopped: {e}", console=False)
-        status = f"train_gpt2.py: {e}"
-    except KeyboardInterrupt:
-        log(f"stopped: interrupted (Ctrl-C) after step {summary['step']}")
-        status = 130
-    finally:
-        log(summary_line(summary, device, world_size))
-        log.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if status:
-        raise SystemExit(status)
+    status, exit_code = dict(final_val_loss=float("nan"), step=run.start_step), 0
+    with StopRequest() as stop:
+        try:
+            stopped = run.loop(log, Checkpointer(args, run_id, rank), stop, status)
+            if stopped:
+                log(f"stopped: {stopped}")
+                exit_code = 128 + stop.signal
+        except (ShardError, FloatingPointError) as e:
+            log(f"stopped: {e}", console=False)
+            exit_code = f"train_gpt2.py: {e}"
+        except torch.OutOfMemoryError:
+            log("stopped: out of GPU memory", console=False)
+            exit_code = (f"train_gpt2.py: --device_batch_size={args.device_batch_size} does not fit in "
+                         f"{device_name(device)}'s memory: use --device_batch_size=auto or a smaller divisor")
+        except KeyboardInterrupt:
+            log(f"stopped: interrupted by a second Ctrl-C after step {status['step']}, no checkpoint")
+            exit_code = 130
+        finally:
+            log(summary_line(status["final_val_loss"], run.clock, device, world_size))
+            log.close()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if exit_code:
+        raise SystemExit(exit_code)
     return 0
 
 

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 
 DIVIDER = "=" * 100
-KNOWN = ("summary:", "peak memory", "resumed_from:", "stopped:", DIVIDER)  # recognised non-step lines
+KNOWN = ("summary:", "peak memory", "resumed_from:", "stopped:", "checkpoint:", DIVIDER)  # recognised non-step lines
 LOG_SUFFIXES = (".txt", ".log")
 NAN = math.nan
 

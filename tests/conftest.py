@@ -39,7 +39,7 @@ def shards(tmp_path):
         write_shard(tmp_path / f"tiny_train_{i:06d}.bin", learnable_tokens(6000, seed=i))
     write_shard(tmp_path / "tiny_val_000000.bin", learnable_tokens(2000, seed=99))
     return [f"--input_bin={tmp_path}/tiny_train_*.bin", f"--input_val_bin={tmp_path}/tiny_val_*.bin",
-            f"--records_dir={tmp_path}/records"]
+            f"--records_dir={tmp_path}/records", f"--checkpoint_dir={tmp_path}/checkpoints"]
 
 
 def read_record(records_dir):

@@ -253,7 +253,7 @@ def test_trainer_cpu_record_parses(tmp_path, capsys):
     cmd = [sys.executable, TRAINER, "--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256",
            "--seq_len=32", "--batch_size=8", "--device_batch_size=8", "--num_iterations=4", "--val_tokens=512",
            "--warmdown_iters=2", "--val_loss_every=2", "--untimed_steps=1", "--device=cpu",
-           f"--input_bin={tmp_path}/fineweb_train_*.bin", f"--input_val_bin={tmp_path}/fineweb_val_*.bin",
+           f"--checkpoint_dir={tmp_path}/checkpoints",           f"--input_bin={tmp_path}/fineweb_train_*.bin", f"--input_val_bin={tmp_path}/fineweb_val_*.bin",
            f"--records_dir={records}", "--run_name=x"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -9,9 +9,11 @@ from train_gpt2 import ConfigError, Hyperparameters, parse_args
 
 def test_defaults_are_the_record_recipe():
     args = parse_args([])
-    assert (args.batch_size, args.device_batch_size, args.seq_len) == (512, 64, 1024)
+    assert (args.batch_size, args.device_batch_size, args.seq_len) == (512, 0, 1024)  # 0: auto, 64 on an H100
     assert (args.num_iterations, args.warmdown_iters, args.val_tokens, args.val_loss_every) == (3242, 926, 10485760, 125)
     assert (args.embed_lr, args.head_lr, args.scalar_lr, args.muon_lr) == (0.3, 0.002, 0.02, 0.02)
+    assert parse_args(["--device_batch_size=auto"]).device_batch_size == 0
+    args = parse_args(["--device_batch_size=64"])
     assert args.grad_accum_steps(8) == 1 and args.grad_accum_steps(1) == 8
 
 
@@ -40,7 +42,7 @@ def test_an_invalid_flag_is_refused(argv, message):
 
 
 def test_an_indivisible_batch_is_refused_not_changed():
-    with pytest.raises(ConfigError, match="not a multiple of --device_batch_size=48 x 8 devices"):
+    with pytest.raises(ConfigError, match="--device_batch_size=48 does not divide the 64 sequences per device"):
         parse_args(["--device_batch_size=48"]).grad_accum_steps(8)
 
 

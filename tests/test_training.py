@@ -33,6 +33,7 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert "CPU: " in environment and "Hyperparameters:\n--input_bin=" in environment
     assert "--num_iterations=50\n" in environment and "--compile=false\n" in environment
     lines = steps.splitlines()
+    assert re.fullmatch(r"checkpoint: .*-step000050\.pt", lines.pop(-2))  # the final model, for sample.py
     assert lines[0] == "step:0/50 val_loss:5.5452 train_time:0ms step_avg:nanms"
     assert lines[1].startswith("step:1/50 train_loss:") and lines[1].endswith(" train_time:0ms step_avg:nanms")
     assert all(STEP_LINE.match(line) for line in lines[:-1])
@@ -66,7 +67,7 @@ def run_script(flags, nproc=None, **popen):
 def test_two_ranks_match_one_rank_with_accumulation(shards, tmp_path):
     """Two gloo ranks x 1 micro-step and one process x 2 micro-steps: same losses, so gradient averaging,
     the rank-strided loader and Muon's sharded orthogonalization are right."""
-    common = TINY_FLAGS + shards[:2] + ["--num_iterations=6", "--warmdown_iters=3", "--val_loss_every=3"]
+    common = TINY_FLAGS + shards[:2] + [shards[3], "--num_iterations=6", "--warmdown_iters=3", "--val_loss_every=3"]
     one = run_script(common + [f"--records_dir={tmp_path}/one"])
     out = one.communicate(timeout=300)[0]
     assert one.returncode == 0, out
@@ -90,7 +91,7 @@ def test_non_finite_loss_stops_the_run_with_a_logged_reason(shards, capsys):
     assert record.splitlines()[-1].startswith("summary: final_val_loss:")
 
 
-def test_ctrl_c_leaves_a_complete_log(shards):
+def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
     records_dir = shards[2].split("=", 1)[1]
     run = run_script(TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"])
     deadline = time.time() + 120
@@ -100,7 +101,9 @@ def test_ctrl_c_leaves_a_complete_log(shards):
     run.communicate(timeout=60)
     assert run.returncode == 130
     lines = read_record(records_dir).splitlines()
-    assert lines[-2].startswith("stopped: interrupted (Ctrl-C) after step ")
+    assert re.fullmatch(r"checkpoint: .*/checkpoints/run/.*-step\d{6}\.pt", lines[-3])
+    assert os.path.isfile(lines[-3].split(": ", 1)[1])
+    assert re.fullmatch(r"stopped: SIGINT at step \d+: checkpoint saved, resume with --resume", lines[-2])
     assert lines[-1].startswith("summary: ") and "world_size:1" in lines[-1]
 
 
