@@ -736,35 +736,41 @@ def muon_momentum(step, args):
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
 
 
-def choose_device_batch_size(model, args, world_size, device):
-    """(micro-batch, reason): the largest divisor of the per-device batch, at most 64 (the recipe), whose
-    forward+backward fits beside room for the optimizer states; agreed on by all ranks (their minimum)."""
+def probe_fits(model, args, size, device):
+    """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states."""
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
+    try:
+        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
+        tokens = torch.zeros(size, args.seq_len, dtype=torch.long, device=device)
+        model(tokens, tokens).backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        reserve = tokens = None
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def choose_device_batch_size(model, args, world_size, device, fits=None):
+    """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
+    all ranks take the smallest choice. On a CPU nothing is probed unless `fits` is given (tests)."""
     per_device = args.batch_size // world_size
     candidates = [size for size in range(min(64, per_device), 0, -1) if per_device % size == 0]
-    if device.type != "cuda":
+    if fits is None and device.type != "cuda":
         return candidates[0], "auto on CPU: no memory probe, the largest candidate"
-    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
-    reason = "fits"
-    for size in candidates:
-        try:
-            reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
-            tokens = torch.zeros(size, args.seq_len, dtype=torch.long, device=device)
-            model(tokens, tokens).backward()
-            del reserve
-            break
-        except torch.OutOfMemoryError:
-            reason = f"{size} ran out of memory"
-        finally:
-            reserve = tokens = None
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-    else:
-        raise ConfigError(f"even one sequence of {args.seq_len} tokens does not fit in {device_name(device)}'s memory")
-    chosen = torch.tensor(size, device=device)
+    fits = fits or (lambda size: probe_fits(model, args, size, device))
+    chosen = next((size for size in candidates if fits(size)), None)
+    if chosen is None:
+        raise ConfigError(f"not even one sequence of {args.seq_len} tokens fits in {device_name(device)}'s memory")
     if world_size > 1:
-        dist.all_reduce(chosen, op=dist.ReduceOp.MIN)
-    torch.cuda.reset_peak_memory_stats(device)
-    return int(chosen), f"auto: {reason}, {torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB card"
+        chosen_tensor = torch.tensor(chosen, device=device)
+        dist.all_reduce(chosen_tensor, op=dist.ReduceOp.MIN)
+        chosen = int(chosen_tensor)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    larger = [size for size in candidates if size > chosen]
+    return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}"
 
 
 @torch.no_grad()
@@ -909,11 +915,11 @@ def main(argv):
     for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + run.notes:
         log(line, console=False)
     log("=" * 100, console=False)
-    if run.parent:
-        log(run.parent)
     if rank == 0:
         print(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
               f"{args.device_batch_size} x {run.accum_steps} micro-steps)", flush=True)
+    if run.parent:
+        log(run.parent)
 
     status, exit_code = dict(final_val_loss=float("nan"), step=run.start_step), 0
     with StopRequest() as stop:
