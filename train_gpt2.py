@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import torch
@@ -81,21 +81,20 @@ class Hyperparameters:
 
     def validate(self):
         """Refuse values that cannot run, with a message naming the flag."""
-        for name in ("batch_size", "seq_len", "num_iterations", "vocab_size", "num_layers",
-                     "model_dim", "num_heads", "mlp_ratio", "val_tokens", "muon_ns_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("device_batch_size", "warmdown_iters", "val_loss_every", "untimed_steps",
-                     "muon_momentum_warmup_steps", "save_every", "save_every_minutes", "keep_checkpoints",
-                     "memory_limit_gb", "progress_seconds"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("embed_lr", "head_lr", "scalar_lr", "muon_lr", "logit_softcap", "rope_base"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("adam_beta1", "adam_beta2", "muon_momentum", "muon_momentum_start"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        rules = [("must be positive", lambda v: v > 0, "batch_size seq_len num_iterations vocab_size num_layers "
+                  "model_dim num_heads mlp_ratio val_tokens muon_ns_steps embed_lr head_lr scalar_lr muon_lr "
+                  "logit_softcap rope_base"),
+                 ("must be >= 0", lambda v: v >= 0, "device_batch_size warmdown_iters val_loss_every untimed_steps "
+                  "muon_momentum_warmup_steps save_every save_every_minutes keep_checkpoints memory_limit_gb "
+                  "progress_seconds"),
+                 ("must be in [0, 1)", lambda v: 0 <= v < 1, "adam_beta1 adam_beta2 muon_momentum muon_momentum_start"),
+                 ("must be auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu"), "device"),
+                 ("must be auto, true or false", lambda v: v in ("auto", "true", "false"), "compile"),
+                 ("may hold letters, digits, '.', '_' and '-' only", lambda v: re.fullmatch(r"[\w.-]+", v), "run_name")]
+        for text, ok, names in rules:
+            for name in names.split():
+                if not ok(getattr(self, name)):
+                    raise ConfigError(f"--{name} {text}, got {getattr(self, name)!r}")
         if self.warmdown_iters > self.num_iterations:
             raise ConfigError(f"--warmdown_iters={self.warmdown_iters} exceeds --num_iterations={self.num_iterations}")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -103,12 +102,6 @@ class Hyperparameters:
         if self.val_tokens % (self.batch_size * self.seq_len):
             raise ConfigError(f"--val_tokens={self.val_tokens} must be a multiple of batch_size*seq_len "
                               f"= {self.batch_size * self.seq_len}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"--device must be auto, cuda or cpu, got {self.device!r}")
-        if self.compile not in ("auto", "true", "false"):
-            raise ConfigError(f"--compile must be auto, true or false, got {self.compile!r}")
-        if not re.fullmatch(r"[\w.-]+", self.run_name):
-            raise ConfigError(f"--run_name may hold letters, digits, '.', '_' and '-' only, got {self.run_name!r}")
         return self
 
     def grad_accum_steps(self, world_size):
@@ -462,19 +455,18 @@ def choose_attention_backend(device):
     """cuDNN attention on Hopper (the record's choice, faster than flash there); PyTorch's pick elsewhere."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return f"attention: PyTorch's default SDPA backend on {device_name(device)}"
-    torch.backends.cuda.enable_cudnn_sdp(True)
-    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                   torch.backends.cuda.enable_math_sdp):
+    others = (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+              torch.backends.cuda.enable_math_sdp)
+    for enable in others:
         enable(False)
     try:
         q = torch.zeros(1, 2, 16, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
         F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
         return "attention: cuDNN SDPA (Hopper)"
     except RuntimeError as e:
-        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-                       torch.backends.cuda.enable_math_sdp):
+        for enable in others:
             enable(True)
-        return f"attention: cuDNN SDPA failed ({str(e).splitlines()[0][:80]}); fell back to PyTorch's default"
+        return f"attention: cuDNN SDPA failed ({str(e).splitlines()[0][:80]}); PyTorch's default instead"
 
 
 def all_reduce_sum(value, world_size):
@@ -543,20 +535,12 @@ def peak_memory_mib(device):
 
 
 def step_line(step, num_iterations, kind, loss, clock):
-    step_avg = clock.train_ms / clock.timed_steps if clock.timed_steps else float("nan")
-    return (f"step:{step}/{num_iterations} {kind}:{loss:.4f} train_time:{clock.train_ms:.0f}ms "
-            f"step_avg:{step_avg:.2f}ms")
+    return f"step:{step}/{num_iterations} {kind}:{loss:.4f} {clock}"
 
 
 def summary_line(final_val_loss, clock, device, world_size):
-    step_avg = clock.train_ms / clock.timed_steps if clock.timed_steps else float("nan")
-    return (f"summary: final_val_loss:{final_val_loss:.4f} train_time:{clock.train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
-            f" peak_memory:{peak_memory_mib(device)}MiB world_size:{world_size} device:{device_name(device)}")
-
-
-def duration(seconds):
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
-        f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return (f"summary: final_val_loss:{final_val_loss:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
+            f"world_size:{world_size} device:{device_name(device)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,28 +669,31 @@ class Clock:
     def __init__(self, device):
         self.device, self.train_ms, self.timed_steps, self.since = device, 0.0, 0, None
 
-    def _sync(self):
+    def _now(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def start(self):
-        self._sync()
-        self.since = time.perf_counter()
+        self.since = self._now()
 
-    def stop(self):
-        was_running = self.since is not None
-        if was_running:
-            self._sync()
-            self.train_ms += 1000 * (time.perf_counter() - self.since)
-            self.since = None
-        return was_running
-
-    def lap(self):
-        """Count one finished timed step (the caller has synchronized, e.g. through .item())."""
+    def lap(self, count_step=True):
+        """Add the time since the last lap (a finished step, or the start of a pause)."""
         if self.since is not None:
-            now = time.perf_counter()
+            now = self._now()
             self.train_ms += 1000 * (now - self.since)
-            self.timed_steps, self.since = self.timed_steps + 1, now
+            self.timed_steps, self.since = self.timed_steps + count_step, now
+
+    def __str__(self):  # the speedrun's timing fields; step_avg is nan until a step is timed
+        step_avg = self.train_ms / self.timed_steps if self.timed_steps else float("nan")
+        return f"train_time:{self.train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
+
+    @contextmanager
+    def paused(self):
+        self.lap(count_step=False)
+        yield
+        if self.since is not None:
+            self.start()
 
 
 def build_optimizers(model, args, rank, world_size, device):
@@ -846,19 +833,15 @@ class Run:
             if step == self.start_step + args.untimed_steps:
                 clock.start()  # after compilation and warmup, in every (resumed) process
             if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
-                running = clock.stop()
-                status["final_val_loss"] = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
-                                                    self.world_size)
+                with clock.paused():
+                    status["final_val_loss"] = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
+                                                        self.world_size)
                 log(step_line(step, args.num_iterations, "val_loss", status["final_val_loss"], clock))
-                if running:
-                    clock.start()
             periodic = args.save_every or args.save_every_minutes
             if step > self.start_step and (save_now or stop_now or (last_step and periodic)):
-                running = clock.stop()
-                path = checkpointer.save(step, self.model, self.optimizers, self.train_loader, clock, log.path)
+                with clock.paused():
+                    path = checkpointer.save(step, self.model, self.optimizers, self.train_loader, clock, log.path)
                 log(f"checkpoint: {path}", record=stop_now or last_step)
-                if running:
-                    clock.start()
             if stop_now:
                 return f"{signal.Signals(stop.signal).name} at step {step}: checkpoint saved, resume with --resume"
             if last_step:
@@ -878,8 +861,9 @@ class Run:
             if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
                 rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
                 log(f"step {step + 1}/{args.num_iterations} train_loss {train_loss:.4f} | {rate:.2f} steps/s "
-                    f"{rate * args.batch_size * args.seq_len:,.0f} tokens/s | train_time {duration(clock.train_ms / 1000)}"
-                    f" eta {duration((args.num_iterations - step - 1) / rate)}", record=False)
+                    f"{rate * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
+                    f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
+                    f"{timedelta(seconds=round((args.num_iterations - step - 1) / rate))}", record=False)
                 progress_at, progress_step = time.monotonic(), step + 1
 
 
