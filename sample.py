@@ -15,9 +15,8 @@ import sys
 
 import torch
 
-from train_gpt2 import GPT, Hyperparameters
+from train_gpt2 import GPT, CheckpointError, Hyperparameters, load_checkpoint
 
-CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -25,39 +24,20 @@ def fail(message):
     raise SystemExit(f"sample.py: {' '.join(str(message).split())}")  # always one line
 
 
-def read_checkpoint(path):
-    """The checkpoint dict saved by train_gpt2.py, on the CPU; a one-line SystemExit if it is not one."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint file at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        first = str(e).split(". ")[0][:120]  # torch's full text suggests weights_only=False: not for unknown files
-        fail(f"{path} is not a train_gpt2 checkpoint (torch.load: {type(e).__name__}: {first})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail(f"{path} is not a train_gpt2 checkpoint (no format: {CHECKPOINT_FORMAT!r} entry)")
-    for key in ("hyperparameters", "model"):
-        if not isinstance(ckpt.get(key), dict):
-            fail(f"{path}: checkpoint has no {key!r} dict")
-    return ckpt
-
-
 def load_model(path, device):
     """(fp32 GPT in eval mode on device, its Hyperparameters, the step it was saved at)."""
-    ckpt = read_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as e:
+        fail(e)
     fields = {f.name for f in dataclasses.fields(Hyperparameters)}
-    args = Hyperparameters(**{k: v for k, v in ckpt["hyperparameters"].items() if k in fields})
-    state = {}
-    for name, tensor in ckpt["model"].items():
-        for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers, should one have been saved
-            name = name.removeprefix(prefix)
-        state[name] = tensor
+    args = Hyperparameters(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
     model = GPT.from_args(args)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         fail(f"{path}: the weights do not fit the model its hyperparameters describe ({str(e).splitlines()[0]})")
-    return model.float().to(device).eval(), args, ckpt.get("step")
+    return model.float().to(device).eval(), args, checkpoint["step"]
 
 
 @torch.no_grad()

@@ -568,7 +568,8 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        reason = " ".join(str(e).split()).split(". ")[0]  # the first sentence: torch's advice that follows is unsafe
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
     return checkpoint

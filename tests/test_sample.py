@@ -147,11 +147,11 @@ def test_errors_are_one_line(gpt2, tiny, tmp_path):
     not_ckpt.write_text("hello\nworld\n")
     other_dict = tmp_path / "weights.pt"
     torch.save({"model": {}}, other_dict)
-    cases = [(tmp_path / "missing.pt", "no checkpoint file"), (not_ckpt, "not a train_gpt2 checkpoint"),
-             (other_dict, "not a train_gpt2 checkpoint")]
+    cases = [(tmp_path / "missing.pt", "no checkpoint at"), (not_ckpt, "is not a readable checkpoint"),
+             (other_dict, "is not a train_gpt2.py checkpoint")]
     r = cli(cases[0][0])  # one real process: the message is all the user sees
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sample.py: no checkpoint file")
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sample.py: no checkpoint at")
     import sample
     for path, words in cases:
         with pytest.raises(SystemExit) as e:
