@@ -583,7 +583,8 @@ def resolve_args(argv):
     checkpoint_dir = flags.get("checkpoint_dir", Hyperparameters.checkpoint_dir)
     path = find_latest_checkpoint(checkpoint_dir) if flags["resume"] == "latest" else flags["resume"]
     checkpoint = load_checkpoint(path)
-    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k not in MACHINE_FIELDS}
+    known = {f.name for f in dataclasses.fields(Hyperparameters)} - set(MACHINE_FIELDS)
+    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
     args = Hyperparameters(**{**inherited, **flags, "resume": path}).validate()
     for name in SHAPE_FIELDS:
         if getattr(args, name) != inherited[name]:
@@ -640,10 +641,11 @@ def restore(checkpoint, model, optimizers, train_loader, clock):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a second Ctrl-C aborts."""
+    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a Ctrl-C more than
+    5 s later aborts at once (torchrun forwards the first signal to its workers: that copy is not a second)."""
 
     def __init__(self):
-        self.signal, self.previous = None, {}
+        self.signal, self.since, self.previous = None, 0.0, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -655,9 +657,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal, self.since = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
             raise KeyboardInterrupt
-        self.signal = signum
 
 
 # ----------------------------------------------------------------------------------------------
