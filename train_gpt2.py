@@ -875,6 +875,11 @@ class Run:
 # main
 
 
+def fail(message):
+    """Exit with one line on stderr, from rank 0 only: the other ranks would repeat it."""
+    raise SystemExit(f"train_gpt2.py: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+
+
 def main(argv):
     if "--help" in argv or "-h" in argv:
         print(usage())
@@ -889,9 +894,9 @@ def main(argv):
         args.compile = {"auto": "true" if device.type == "cuda" else "false"}.get(args.compile, args.compile)
         run = Run(args, rank, world_size, device, checkpoint)
     except (ConfigError, ShardError, CheckpointError) as e:
-        raise SystemExit(f"train_gpt2.py: {e}") from None
+        fail(e)
     except torch.OutOfMemoryError:
-        raise SystemExit("train_gpt2.py: out of GPU memory while building the model: use a GPU with more memory")
+        fail("out of GPU memory while building the model: use a GPU with more memory")
 
     now = datetime.now()
     run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -903,9 +908,8 @@ def main(argv):
     for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + run.notes:
         log(line, console=False)
     log("=" * 100, console=False)
-    if rank == 0:
-        print(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
-              f"{args.device_batch_size} x {run.accum_steps} micro-steps)", flush=True)
+    log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
+        f"{args.device_batch_size} x {run.accum_steps} micro-steps)", record=False)
     if run.parent:
         log(run.parent)
 
@@ -918,11 +922,11 @@ def main(argv):
                 exit_code = 128 + stop.signal
         except (ShardError, FloatingPointError) as e:
             log(f"stopped: {e}", console=False)
-            exit_code = f"train_gpt2.py: {e}"
+            exit_code = e
         except torch.OutOfMemoryError:
             log("stopped: out of GPU memory", console=False)
-            exit_code = (f"train_gpt2.py: --device_batch_size={args.device_batch_size} does not fit in "
-                         f"{device_name(device)}'s memory: use --device_batch_size=auto or a smaller divisor")
+            exit_code = (f"--device_batch_size={args.device_batch_size} does not fit in {device_name(device)}'s "
+                         f"memory: use --device_batch_size=auto or a smaller divisor")
         except KeyboardInterrupt:
             log(f"stopped: interrupted by a second Ctrl-C after step {status['step']}, no checkpoint")
             exit_code = 130
@@ -931,9 +935,9 @@ def main(argv):
             log.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
-    if exit_code:
-        raise SystemExit(exit_code)
-    return 0
+    if isinstance(exit_code, int):
+        return exit_code
+    fail(exit_code)
 
 
 if __name__ == "__main__":
