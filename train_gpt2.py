@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------
@@ -152,10 +153,8 @@ def parse_args(argv):
 
 def usage():
     helps = field_help()
-    lines = [__doc__.strip(), "", "Flags (--name=value, default shown):"]
-    for f in dataclasses.fields(Hyperparameters):
-        lines.append(f"  --{f.name}={f.default}".ljust(52) + helps.get(f.name, ""))
-    return "\n".join(lines)
+    return "\n".join([__doc__.strip(), "", "Flags (--name=value, default shown):"] + [
+        f"  --{f.name}={f.default}".ljust(52) + helps[f.name] for f in dataclasses.fields(Hyperparameters)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +202,9 @@ class Muon(torch.optim.Optimizer):
         return [flat[start:end].view_as(p) for p, start, end in zip(params, offsets[:-1], offsets[1:])]
 
     def _orthogonalized_update(self, p, momentum):
-        buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        if "momentum_buffer" not in self.state[p]:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = self.state[p]["momentum_buffer"]
         buf.mul_(momentum).add_(p.grad)
         update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=momentum), self.ns_steps, self.ns_dtype)  # Nesterov
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS per element for tall matrices
@@ -221,8 +222,8 @@ class Muon(torch.optim.Optimizer):
     def momentum_buffers(self):
         """All momentum buffers, gathered from their owners, so a checkpoint resumes on any world size."""
         params = self.param_groups[0]["params"]
-        zeros = lambda p: self.state[p].get("momentum_buffer", torch.zeros_like(p))  # noqa: E731
-        return [buf.clone() for buf in self._gather_from_owners(params, zeros, torch.float32)]
+        buffer_or_zeros = lambda p: self.state[p].get("momentum_buffer", torch.zeros_like(p))  # noqa: E731
+        return [buf.clone() for buf in self._gather_from_owners(params, buffer_or_zeros, torch.float32)]
 
     @torch.no_grad()
     def load_momentum_buffers(self, buffers):
@@ -249,36 +250,33 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim, base):
-        super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim),
-                             persistent=False)
+def rotary_cos_sin(seq_len, head_dim, base, dtype, device):
+    """cos and sin of the rotary angles, computed in fp32 (no buffer a dtype cast could reach), then cast."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)[None, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x):  # x: (batch, seq, heads, head_dim); rotates the two halves of head_dim
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.float())
-        cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+def apply_rotary(x, cos, sin):  # x: (batch, seq, heads, head_dim); rotates the two halves of head_dim
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim, num_heads, rope_base):
+    def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.out_proj = (CastedLinear(dim, dim) for _ in range(4))
         self.value_residual_lambda = nn.Parameter(torch.empty(()))
-        self.rotary = Rotary(dim // num_heads, rope_base)
 
-    def forward(self, x, v1):
+    def forward(self, x, v1, rotary):
         batch, seq, dim = x.shape
         q, k, v = (proj(x).view(batch, seq, self.num_heads, -1) for proj in (self.q, self.k, self.v))
         if v1 is None:
             v1 = v  # block 0 supplies the first-layer values every later block mixes in
         lam = self.value_residual_lambda
         v = (1 - lam) * v + lam * v1  # value residual learning (Zhou et al., 2024): -0.021 val loss in the recipe
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm keeps attention logits bounded
+        q, k = apply_rotary(rms_norm(q), *rotary), apply_rotary(rms_norm(k), *rotary)  # QK-norm: bounded logits
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, dim)), v1
 
@@ -293,15 +291,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio, rope_base):
+    def __init__(self, dim, num_heads, mlp_ratio):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, num_heads, rope_base)
+        self.attn = CausalSelfAttention(dim, num_heads)
         self.mlp = MLP(dim, mlp_ratio * dim)
         self.x0_mixing = nn.Parameter(torch.empty(2))
 
-    def forward(self, x, v1, x0):
+    def forward(self, x, v1, x0, rotary):
         x = self.x0_mixing[0] * x + self.x0_mixing[1] * x0  # re-inject the embedding: -0.009 val loss in the recipe
-        y, v1 = self.attn(rms_norm(x), v1)
+        y, v1 = self.attn(rms_norm(x), v1, rotary)
         x = x + y
         return x + self.mlp(rms_norm(x)), v1
 
@@ -309,9 +307,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size, num_layers, model_dim, num_heads, mlp_ratio, rope_base, logit_softcap):
         super().__init__()
-        self.logit_softcap = logit_softcap
+        self.logit_softcap, self.rope_base, self.head_dim = logit_softcap, rope_base, model_dim // num_heads
         self.embed = nn.Embedding(vocab_size, model_dim)
-        self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio, rope_base) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio) for _ in range(num_layers))
         self.lm_head = CastedLinear(model_dim, vocab_size)  # untied from the embedding: +38.6M params, no extra FLOPs
         self.reset_parameters()
 
@@ -336,9 +334,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         x = x0 = rms_norm(self.embed(idx))  # norm right after the embedding
+        rotary = rotary_cos_sin(idx.size(1), self.head_dim, self.rope_base, x.dtype, idx.device)  # once per forward
         v1 = None
         for block in self.blocks:
-            x, v1 = block(x, v1, x0)
+            x, v1 = block(x, v1, x0, rotary)
         logits = self.lm_head(rms_norm(x))
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)  # soft-capping (Gemma 2): -0.005
         if targets is None:
@@ -373,7 +372,10 @@ class ShardError(ValueError):
 
 def read_shard(path):
     """The tokens of one shard as a read-only uint16 memmap, after checking its header against its size."""
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    try:
+        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read it ({e.strerror})") from None
     if header.size < HEADER_INTS:
         raise ShardError(f"{path}: {os.path.getsize(path)} bytes is too short for the {HEADER_BYTES}-byte shard header")
     if header[0] != SHARD_MAGIC:
@@ -395,17 +397,20 @@ class ShardLoader:
     the same tokens whatever the world size or micro-batch.
     """
 
-    def __init__(self, pattern, batch_size, seq_len, rank, world_size, device):
+    def __init__(self, pattern, batch_size, seq_len, rank, world_size, device, vocab_size=2**16):
         self.files = sorted(glob.glob(pattern))
         if not self.files:
             raise ShardError(f"no file matches {pattern!r}: download the data (python data/cached_fineweb10B.py) "
                              f"or point the flag at your shards")
-        self.seq_len, self.rank, self.device = seq_len, rank, device
+        self.seq_len, self.rank, self.device, self.vocab_size = seq_len, rank, device, vocab_size
         self.step_tokens, self.rank_tokens = batch_size * seq_len, batch_size * seq_len // world_size
+        self.steps_per_pass = 0  # optimizer steps before the stream starts over at the first shard
         for path in self.files:
-            if len(read_shard(path)) < self.step_tokens + 1:
-                raise ShardError(f"{path}: {len(read_shard(path))} tokens is fewer than one global batch "
+            tokens = len(read_shard(path))
+            if tokens < self.step_tokens + 1:
+                raise ShardError(f"{path}: {tokens} tokens is fewer than one global batch "
                                  f"(batch_size*seq_len+1 = {self.step_tokens + 1}); use more data or a smaller batch")
+            self.steps_per_pass += (tokens - 1) // self.step_tokens
         self.reset()
 
     def reset(self):
@@ -417,15 +422,17 @@ class ShardLoader:
     def next_batch(self):
         """This rank's (inputs, targets) for one optimizer step, each of shape (batch_size/world, seq_len)."""
         if self.position + self.step_tokens + 1 > len(self.tokens):
-            self.shard_index = (self.shard_index + 1) % len(self.files)
-            self.position, self.tokens = 0, read_shard(self.files[self.shard_index])
+            self.seek((self.shard_index + 1) % len(self.files), 0)
         start = self.position + self.rank * self.rank_tokens
-        window = torch.from_numpy(self.tokens[start:start + self.rank_tokens + 1].astype(np.int64))
+        window = self.tokens[start:start + self.rank_tokens + 1]
+        if window.max() >= self.vocab_size:  # else an embedding lookup out of range: a device-side assert on CUDA
+            raise ShardError(f"{self.files[self.shard_index]}: token id {window.max()} near token {start} is not below "
+                             f"--vocab_size={self.vocab_size}: data of another tokenizer?")
+        window = torch.from_numpy(window.astype(np.int64))
         self.position += self.step_tokens
         if self.device.type == "cuda":
-            window = window.pin_memory()
-        x, y = window[:-1].view(-1, self.seq_len), window[1:].view(-1, self.seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            window = window.pin_memory().to(self.device, non_blocking=True)  # one copy; x and y are views of it
+        return window[:-1].view(-1, self.seq_len), window[1:].view(-1, self.seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,24 +456,6 @@ def setup_distributed(device_choice):
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 device_id=device if use_cuda else None)
     return rank, world_size, device
-
-
-def choose_attention_backend(device):
-    """cuDNN attention on Hopper (the record's choice, faster than flash there); PyTorch's pick elsewhere."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        return f"attention: PyTorch's default SDPA backend on {device_name(device)}"
-    others = (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
-              torch.backends.cuda.enable_math_sdp)
-    for enable in others:
-        enable(False)
-    try:
-        q = torch.zeros(1, 2, 16, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
-        F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
-        return "attention: cuDNN SDPA (Hopper)"
-    except RuntimeError as e:
-        for enable in others:
-            enable(True)
-        return f"attention: cuDNN SDPA failed ({str(e).splitlines()[0][:80]}); PyTorch's default instead"
 
 
 def all_reduce_sum(value, world_size):
@@ -606,61 +595,42 @@ class Checkpointer:
         return bool(self.args.save_every and step % self.args.save_every == 0) or \
             bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
 
-    def save(self, step, model, optimizers, train_loader, clock, record):
-        momentum = optimizers[1].momentum_buffers()  # a collective: every rank takes part
+    def save(self, step, run, record):
+        momentum = run.muon.momentum_buffers()  # a collective: every rank takes part
         self.last_save = time.monotonic()
         if self.rank != 0:
             return None
         path = f"{self.prefix}-step{step:06d}.pt"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(self.args), step=step,
-                     model=model.state_dict(), adam=optimizers[0].state_dict(), muon_momentum=momentum,
-                     data=dict(shard_index=train_loader.shard_index, position=train_loader.position),
-                     train_ms=clock.train_ms, timed_steps=clock.timed_steps, record=record,
+                     model=run.model.state_dict(), adam=run.adam.state_dict(), muon_momentum=momentum,
+                     data=dict(shard_index=run.train_loader.shard_index, position=run.train_loader.position),
+                     train_ms=run.clock.train_ms, timed_steps=run.clock.timed_steps, record=record,
                      rng=dict(cpu=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)))
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        try:
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise OSError(f"cannot write checkpoint {path}: {' '.join(str(e).split())}") from None
         self.saved.append(path)
         while len(self.saved) > self.args.keep_checkpoints:
             os.remove(self.saved.pop(0))
         return path
 
 
-def restore(checkpoint, model, optimizers, train_loader, clock):
-    """Load a checkpoint into freshly built objects; returns the step to continue from."""
-    model.load_state_dict(checkpoint["model"])
-    optimizers[0].load_state_dict(checkpoint["adam"])
-    optimizers[1].load_momentum_buffers(checkpoint["muon_momentum"])
-    train_loader.seek(**checkpoint["data"])
-    clock.train_ms, clock.timed_steps = checkpoint["train_ms"], checkpoint["timed_steps"]
+def restore(checkpoint, run):
+    """Load a checkpoint into a freshly built run; returns the step to continue from."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.adam.load_state_dict(checkpoint["adam"])
+    run.muon.load_momentum_buffers(checkpoint["muon_momentum"])
+    run.train_loader.seek(**checkpoint["data"])
+    run.clock.train_ms, run.clock.timed_steps = checkpoint["train_ms"], checkpoint["timed_steps"]
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
     return checkpoint["step"]
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a Ctrl-C more than
-    5 s later aborts at once (torchrun forwards the first signal to its workers: that copy is not a second)."""
-
-    def __init__(self):
-        self.signal, self.since, self.previous = None, 0.0, {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal is None:
-            self.signal, self.since = signum, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
-            raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -700,6 +670,29 @@ class Clock:
             self.start()
 
 
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a Ctrl-C more than
+    5 s later aborts at once (torchrun forwards the first signal to its workers: that copy is not a second)."""
+
+    def __init__(self):
+        self.signal, self.since, self.previous = None, 0.0, {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal is None:
+            self.signal, self.since = signum, time.monotonic()
+        elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
+            raise KeyboardInterrupt
+
+
 def build_optimizers(model, args, rank, world_size, device):
     """Adam for embedding, head and scalars; Muon for every 2-D matrix inside the blocks. No weight decay."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
@@ -710,11 +703,10 @@ def build_optimizers(model, args, rank, world_size, device):
                             betas=(args.adam_beta1, args.adam_beta2), fused=device.type == "cuda")
     muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.muon_ns_steps, rank=rank,
                 world_size=world_size, ns_dtype=compute_dtype(device))
-    optimizers = [adam, muon]
-    for opt in optimizers:
+    for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    return optimizers
+    return adam, muon
 
 
 def lr_multiplier(step, args):
@@ -737,6 +729,10 @@ def probe_fits(model, args, size, device):
         return True
     except torch.OutOfMemoryError:
         return False
+    except RuntimeError as e:  # cuBLAS/cuDNN workspaces fail with their own error when memory runs out
+        if "ALLOC" in str(e) or "out of memory" in str(e):
+            return False
+        raise
     finally:
         reserve = tokens = None
         model.zero_grad(set_to_none=True)
@@ -779,32 +775,48 @@ def evaluate(model, val_loader, args, accum_steps, world_size):
     return (all_reduce_sum(total, world_size) / (count * world_size)).item()
 
 
+@contextmanager
+def attention_backends(device):
+    """cuDNN attention first on Hopper (the record's choice, faster than flash there), PyTorch's other kernels
+    after it for any shape cuDNN rejects; PyTorch's own order elsewhere. Yields the note for the record."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        yield f"attention: PyTorch's default SDPA order on {device_name(device)}"
+        return
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield "attention: cuDNN SDPA first (Hopper), then flash, memory-efficient, math"
+
+
 class Run:
     """Everything one training run holds, built before the record opens so bad input fails in one line."""
 
     def __init__(self, args, rank, world_size, device, checkpoint):
         self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
-        self.notes = [choose_attention_backend(device)]
-        self.train_loader = ShardLoader(args.input_bin, args.batch_size, args.seq_len, rank, world_size, device)
-        self.val_loader = ShardLoader(args.input_val_bin, args.batch_size, args.seq_len, rank, world_size, device)
+        self.notes = []
+        loader_args = (args.batch_size, args.seq_len, rank, world_size, device, args.vocab_size)
+        self.train_loader = ShardLoader(args.input_bin, *loader_args)
+        self.val_loader = ShardLoader(args.input_val_bin, *loader_args)
         val_shard = read_shard(self.val_loader.files[0])
         if len(val_shard) < args.val_tokens + 1:
             raise ShardError(f"{self.val_loader.files[0]}: {len(val_shard)} tokens is fewer than "
                              f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
+        if args.num_iterations > self.train_loader.steps_per_pass:
+            self.notes.append(f"data: the train shards hold {self.train_loader.steps_per_pass} steps; later steps "
+                              f"see the same tokens again (download more shards to avoid it)")
         torch.manual_seed(args.seed)
         self.model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
-        self.optimizers = build_optimizers(self.model, args, rank, world_size, device)
+        self.adam, self.muon = build_optimizers(self.model, args, rank, world_size, device)
         self.clock, self.start_step, self.parent = Clock(device), 0, None
         if checkpoint is not None:
-            self.start_step = restore(checkpoint, self.model, self.optimizers, self.train_loader, self.clock)
+            self.start_step = restore(checkpoint, self)
             self.parent = f"resumed_from: {args.resume} at step {self.start_step} (parent record {checkpoint['record']})"
         if not args.device_batch_size:
             args.device_batch_size, reason = choose_device_batch_size(self.model, args, world_size, device)
             self.notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
         self.accum_steps = args.grad_accum_steps(world_size)
         compiled = torch.compile(self.model) if args.compile == "true" else self.model
-        self.ddp = compiled if world_size == 1 else \
-            DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        self.ddp = compiled if world_size == 1 else DDP(  # bucket views: no second copy of the gradients
+            compiled, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
     def train_step(self, step):
         """One optimizer step over the global batch; returns this rank's mean micro-step loss (on device)."""
@@ -816,16 +828,16 @@ class Run:
                 loss = self.ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
                 (loss / self.accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
             train_loss += loss.detach().float() / self.accum_steps
-        for opt in self.optimizers:
+        for opt in (self.adam, self.muon):
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_multiplier(step, self.args)
-        self.optimizers[1].param_groups[0]["momentum"] = muon_momentum(step, self.args)
-        for opt in self.optimizers:
-            opt.step()
+        self.muon.param_groups[0]["momentum"] = muon_momentum(step, self.args)
+        self.adam.step()
+        self.muon.step()
         self.ddp.zero_grad(set_to_none=True)
         return train_loss
 
-    def loop(self, log, checkpointer, stop, status):
+    def loop(self, log, checkpointer, stop):
         """Train to num_iterations, validating, checkpointing and stopping on request at step boundaries.
 
         Returns None at the end, or why it stopped early."""
@@ -836,29 +848,31 @@ class Run:
             last_step = step == args.num_iterations
             if step == self.start_step + args.untimed_steps:
                 clock.start()  # after compilation and warmup, in every (resumed) process
-            if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
+            validate = last_step or (args.val_loss_every and step % args.val_loss_every == 0)
+            save = step > self.start_step and (save_now or stop_now or (
+                last_step and (args.save_every or args.save_every_minutes)))
+            if validate or save:
                 with clock.paused():
-                    status["final_val_loss"] = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
-                                                        self.world_size)
-                log(step_line(step, args.num_iterations, "val_loss", status["final_val_loss"], clock))
-            periodic = args.save_every or args.save_every_minutes
-            if step > self.start_step and (save_now or stop_now or (last_step and periodic)):
-                with clock.paused():
-                    path = checkpointer.save(step, self.model, self.optimizers, self.train_loader, clock, log.path)
-                log(f"checkpoint: {path}", record=stop_now or last_step)
+                    if validate:
+                        self.final_val_loss = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
+                                                       self.world_size)
+                        log(step_line(step, args.num_iterations, "val_loss", self.final_val_loss, clock))
+                    if save:
+                        path = checkpointer.save(step, self, log.path)
+                        log(f"checkpoint: {path}", record=stop_now or last_step)
             if stop_now:
                 return f"{signal.Signals(stop.signal).name} at step {step}: checkpoint saved, resume with --resume"
             if last_step:
                 return None
 
-            train_loss = self.train_step(step)
-            flags = torch.tensor([stop.signal is not None, checkpointer.due(step + 1)], device=self.device)
-            requests = torch.cat([train_loss.view(1), flags.float()])
-            loss_sum, stop_votes, save_votes = all_reduce_sum(requests, self.world_size).tolist()  # ranks agree
+            requests = torch.zeros(3, device=self.device)  # loss, stop, save: one all-reduce makes every rank agree
+            requests[0] = self.train_step(step)
+            requests[1], requests[2] = float(stop.signal is not None), float(checkpointer.due(step + 1))
+            loss_sum, stop_votes, save_votes = all_reduce_sum(requests, self.world_size).tolist()
             clock.lap()
             train_loss, stop_now, save_now = loss_sum / self.world_size, stop_votes > 0, save_votes > 0
             log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
-            status["step"] = step + 1
+            self.last_step = step + 1
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
                                          f"or check the data")
@@ -876,8 +890,26 @@ class Run:
 
 
 def fail(message):
-    """Exit with one line on stderr, from rank 0 only: the other ranks would repeat it."""
-    raise SystemExit(f"train_gpt2.py: {message}" if os.environ.get("RANK", "0") == "0" else 1)
+    """Exit with one line on stderr; ranks other than 0 say which they are."""
+    rank = int(os.environ.get("RANK", 0))
+    raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {message}")
+
+
+def open_record(args, run_id, now, rank, device, run, notes):
+    """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
+    path = os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
+    log = RunLog(path if rank == 0 else None)
+    with open(__file__) as f:
+        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
+    log("=" * 100, console=False)
+    for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + notes:
+        log(line, console=False)
+    log("=" * 100, console=False)
+    log(f"record: {log.path}  (world size {run.world_size}, {device_name(device)}, device_batch_size "
+        f"{args.device_batch_size} x {run.accum_steps} micro-steps)", record=False)
+    if run.parent:
+        log(run.parent)
+    return log
 
 
 def main(argv):
@@ -892,52 +924,46 @@ def main(argv):
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
         args.compile = {"auto": "true" if device.type == "cuda" else "false"}.get(args.compile, args.compile)
-        run = Run(args, rank, world_size, device, checkpoint)
-    except (ConfigError, ShardError, CheckpointError) as e:
+        if rank == 0:
+            for folder in (args.records_dir, os.path.join(args.checkpoint_dir, args.run_name)):
+                os.makedirs(folder, exist_ok=True)
+    except (ConfigError, CheckpointError) as e:
         fail(e)
-    except torch.OutOfMemoryError:
-        fail("out of GPU memory while building the model: use a GPU with more memory")
+    except OSError as e:
+        fail(f"cannot create {e.filename}: {e.strerror}; pick another --records_dir or --checkpoint_dir")
 
     now = datetime.now()
     run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
-    log = RunLog(os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt") if rank == 0
-                 else None)
-    with open(__file__) as f:
-        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
-    log("=" * 100, console=False)
-    for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + run.notes:
-        log(line, console=False)
-    log("=" * 100, console=False)
-    log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
-        f"{args.device_batch_size} x {run.accum_steps} micro-steps)", record=False)
-    if run.parent:
-        log(run.parent)
-
-    status, exit_code = dict(final_val_loss=float("nan"), step=run.start_step), 0
-    with StopRequest() as stop:
+    with attention_backends(device) as attention_note, StopRequest() as stop:
         try:
-            stopped = run.loop(log, Checkpointer(args, run_id, rank), stop, status)
+            run = Run(args, rank, world_size, device, checkpoint)
+        except (ConfigError, ShardError) as e:
+            fail(e)
+        except torch.OutOfMemoryError:
+            fail("out of GPU memory while building the model: use a GPU with more memory")
+        log = open_record(args, run_id, now, rank, device, run, [attention_note] + run.notes)
+        run.final_val_loss, run.last_step, outcome = float("nan"), run.start_step, 0
+        try:
+            stopped = run.loop(log, Checkpointer(args, run_id, rank), stop)
             if stopped:
                 log(f"stopped: {stopped}")
-                exit_code = 128 + stop.signal
-        except (ShardError, FloatingPointError) as e:
+                outcome = 128 + stop.signal
+        except (ShardError, FloatingPointError, OSError) as e:
             log(f"stopped: {e}", console=False)
-            exit_code = e
+            outcome = str(e)
         except torch.OutOfMemoryError:
             log("stopped: out of GPU memory", console=False)
-            exit_code = (f"--device_batch_size={args.device_batch_size} does not fit in {device_name(device)}'s "
-                         f"memory: use --device_batch_size=auto or a smaller divisor")
+            outcome = (f"--device_batch_size={args.device_batch_size} does not fit in {device_name(device)}'s "
+                       f"memory: use --device_batch_size=auto or a smaller divisor")
         except KeyboardInterrupt:
-            log(f"stopped: interrupted by a second Ctrl-C after step {status['step']}, no checkpoint")
-            exit_code = 130
+            log(f"stopped: interrupted by a second Ctrl-C after step {run.last_step}, no checkpoint")
+            outcome = 130
         finally:
-            log(summary_line(status["final_val_loss"], run.clock, device, world_size))
+            log(summary_line(run.final_val_loss, run.clock, device, world_size))
             log.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
-    if isinstance(exit_code, int):
-        return exit_code
-    fail(exit_code)
+    return outcome if isinstance(outcome, int) else fail(outcome)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_bf16_casts_on_cuda():
         assert model.embed.weight.dtype == torch.bfloat16
         assert model.blocks[0].x0_mixing.dtype == model.blocks[0].attn.value_residual_lambda.dtype == torch.bfloat16
         assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, CastedLinear))
+        assert not list(model.buffers())  # rotary angles are computed in fp32 each forward, never cast
         idx = torch.randint(0, args.vocab_size, (batch, 1024), device=CUDA)
         loss = model(idx, idx)
         assert loss.dtype == torch.float32

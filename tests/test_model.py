@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, CastedLinear, Hyperparameters, cast_model, rms_norm
+from train_gpt2 import GPT, CastedLinear, Hyperparameters, apply_rotary, cast_model, rms_norm, rotary_cos_sin
 
 
 def tiny_model(**overrides):
@@ -38,14 +38,15 @@ def test_lambda_zero_gives_plain_attention():
     attn = tiny_model().blocks[1].attn
     x = rms_norm(torch.randn(2, 16, 64))
     other_values = torch.randn(2, 16, 2, 32)
+    rotary = rotary_cos_sin(16, 32, 10000.0, torch.float32, x.device)
     with torch.no_grad():
         attn.out_proj.weight.normal_()
         attn.value_residual_lambda.fill_(0.0)
-        plain, _ = attn(x, None)  # v1 = own values: plain attention
-        mixed, _ = attn(x, other_values)
+        plain, _ = attn(x, None, rotary)  # v1 = own values: plain attention
+        mixed, _ = attn(x, other_values, rotary)
         assert torch.allclose(plain, mixed, atol=1e-6)
         attn.value_residual_lambda.fill_(0.5)
-        assert not torch.allclose(attn(x, other_values)[0], plain, atol=1e-3)
+        assert not torch.allclose(attn(x, other_values, rotary)[0], plain, atol=1e-3)
 
 
 def test_block0_values_are_v1():
@@ -55,10 +56,10 @@ def test_block0_values_are_v1():
         block.attn.register_forward_hook(lambda module, inputs, output: seen.append((inputs, output)))
     idx = torch.randint(0, 256, (2, 16))
     model(idx)
-    (x_block0, v1_in), (_, v1_out) = seen[0]
+    (x_block0, v1_in, _), (_, v1_out) = seen[0]
     assert v1_in is None
     assert torch.equal(v1_out, model.blocks[0].attn.v(x_block0).view(2, 16, 2, 32))
-    (_, v1_given), (_, v1_passed_on) = seen[1]
+    (_, v1_given, _), (_, v1_passed_on) = seen[1]
     assert v1_given is v1_out and v1_passed_on is v1_out
 
 
@@ -101,6 +102,25 @@ def test_bf16_casts_keep_fp32_master_weights_for_linears():
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, CastedLinear))
     loss = model(torch.randint(0, 256, (1, 8)), torch.randint(0, 256, (1, 8)))
     assert loss.dtype == torch.float32 and abs(loss.item() - math.log(256)) < 1e-3
+    assert not list(model.buffers())  # nothing a bf16 cast could round: rotary angles stay fp32-exact
+
+
+def test_rotary_angles_are_fp32_exact_then_cast():
+    cos, sin = rotary_cos_sin(1024, 128, 10000.0, torch.bfloat16, torch.device("cpu"))
+    position = torch.arange(1024, dtype=torch.float64)[:, None]
+    angles = position * 10000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    assert cos.dtype == torch.bfloat16 and cos.shape == (1, 1024, 1, 64)
+    assert torch.allclose(cos[0, :, 0].double(), angles.cos(), atol=4e-3)  # bf16 rounding only, even at 1023
+    assert torch.allclose(sin[0, :, 0].double(), angles.sin(), atol=4e-3)
+
+
+def test_rotary_is_a_rotation_that_keeps_relative_positions():
+    cos, sin = rotary_cos_sin(8, 16, 10000.0, torch.float64, torch.device("cpu"))
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    rotated_q, rotated_k = apply_rotary(q.expand(1, 8, 1, 16), cos, sin), apply_rotary(k.expand(1, 8, 1, 16), cos, sin)
+    assert torch.allclose(rotated_q.norm(dim=-1), q.norm(dim=-1).expand(1, 8, 1))
+    scores = (rotated_q[0, :, 0] @ rotated_k[0, :, 0].T)
+    assert torch.allclose(scores[2, 0], scores[7, 5]) and torch.allclose(scores[3, 1], scores[6, 4])
 
 
 def test_causal_prefix_does_not_see_the_future():
