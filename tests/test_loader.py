@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import TINY_FLAGS, learnable_tokens
+from conftest import TINY_FLAGS, learnable_tokens, read_record
 from data.shards import HEADER_INTS, SHARD_MAGIC, write_shard
 from train_gpt2 import ShardError, ShardLoader, read_shard
 
@@ -129,3 +129,34 @@ def test_missing_data_is_one_line_at_startup(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main(TINY_FLAGS + [f"--input_bin={tmp_path}/none_*.bin", f"--records_dir={tmp_path}"])
     assert "no file matches" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_token_ids_beyond_the_vocab_are_named(tmp_path):
+    write_shard(tmp_path / "wide.bin", np.arange(1000) % 300)
+    loader = ShardLoader(str(tmp_path / "wide.bin"), 2, 64, 0, 1, CPU, vocab_size=256)
+    loader.next_batch()  # ids 0..128: fine
+    with pytest.raises(ShardError, match="wide.bin: token id 256 near token 128 is not below --vocab_size=256"):
+        for _ in range(3):
+            loader.next_batch()
+
+
+def test_a_folder_matching_the_pattern_is_named(tmp_path):
+    (tmp_path / "shard_000001.bin").mkdir()
+    with pytest.raises(ShardError, match="shard_000001.bin: cannot read it"):
+        ShardLoader(str(tmp_path / "shard_*.bin"), 8, 16, 0, 1, CPU)
+
+
+def test_running_past_the_data_is_noted_in_the_record(tmp_path, shards, capsys):
+    # two shards of 6000 tokens at 256 tokens per step: 23 steps each, 46 before the stream starts over
+    assert train_gpt2.main(TINY_FLAGS + shards + ["--num_iterations=50", "--warmdown_iters=1", "--val_loss_every=0",
+                                                  "--save_every_minutes=0"]) == 0
+    record = read_record(shards[2].split("=", 1)[1])
+    assert "data: the train shards hold 46 steps; later steps see the same tokens again" in record
+
+
+@pytest.mark.parametrize("flag", ["records_dir", "checkpoint_dir"])
+def test_an_unwritable_output_folder_is_one_line_at_startup(tmp_path, shards, flag):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"cannot create {tmp_path}/file/.*: Not a directory; pick another"):
+        train_gpt2.main(TINY_FLAGS + shards + [f"--{flag}={tmp_path}/file/sub", "--num_iterations=2",
+                                               "--warmdown_iters=1"])
