@@ -720,7 +720,8 @@ def muon_momentum(step, args):
 
 
 def probe_fits(model, args, size, device):
-    """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states."""
+    """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states.
+    `model` is the compiled model training will use: eager needs far more memory (unfused softcap and loss)."""
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
     try:
         reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
@@ -810,11 +811,12 @@ class Run:
         if checkpoint is not None:
             self.start_step = restore(checkpoint, self)
             self.parent = f"resumed_from: {args.resume} at step {self.start_step} (parent record {checkpoint['record']})"
+        # static shapes: the probe's compilation at the chosen size is the one training reuses
+        compiled = torch.compile(self.model, dynamic=False) if args.compile == "true" else self.model
         if not args.device_batch_size:
-            args.device_batch_size, reason = choose_device_batch_size(self.model, args, world_size, device)
+            args.device_batch_size, reason = choose_device_batch_size(compiled, args, world_size, device)
             self.notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
         self.accum_steps = args.grad_accum_steps(world_size)
-        compiled = torch.compile(self.model) if args.compile == "true" else self.model
         self.ddp = compiled if world_size == 1 else DDP(  # bucket views: no second copy of the gradients
             compiled, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
