@@ -469,39 +469,29 @@ def all_reduce_sum(value, world_size):
 
 
 class RunLog:
-    """Prints on rank 0 and appends to a new record file; other ranks stay silent."""
+    """Prints on rank 0 and appends to a new record file (line-buffered); other ranks stay silent."""
 
     def __init__(self, path):
         self.path, self.file = path, None
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "x")  # "x": never overwrite an earlier record
+            self.file = open(path, "x", buffering=1)  # "x": never overwrite an earlier record
 
     def __call__(self, line="", console=True, record=True):
-        if self.file is None:
-            return
-        if console:
+        if self.file and console:
             print(line, flush=True)
-        if record:
+        if self.file and record:
             self.file.write(line + "\n")
-            self.file.flush()
-
-    def close(self):
-        if self.file:
-            self.file.close()
 
 
 def environment_lines(device):
     lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
-    if device.type == "cuda":
-        try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            smi = f"nvidia-smi unavailable: {e}"
-        lines.append(smi.rstrip())
-    else:
-        lines.append(f"CPU: {cpu_name()} ({os.cpu_count()} cores)")
-    return lines
+    if device.type != "cuda":
+        return lines + [f"CPU: {cpu_name()} ({os.cpu_count()} cores)"]
+    try:
+        return lines + [subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()]
+    except (OSError, subprocess.SubprocessError) as e:
+        return lines + [f"nvidia-smi unavailable: {e}"]
 
 
 def cpu_name():
@@ -811,6 +801,7 @@ class Run:
         if checkpoint is not None:
             self.start_step = restore(checkpoint, self)
             self.parent = f"resumed_from: {args.resume} at step {self.start_step} (parent record {checkpoint['record']})"
+        self.last_step, self.final_val_loss = self.start_step, float("nan")  # what the summary reports
         # static shapes: the probe's compilation at the chosen size is the one training reuses
         compiled = torch.compile(self.model, dynamic=False) if args.compile == "true" else self.model
         if not args.device_batch_size:
@@ -944,7 +935,7 @@ def main(argv):
         except torch.OutOfMemoryError:
             fail("out of GPU memory while building the model: use a GPU with more memory")
         log = open_record(args, run_id, now, rank, device, run, [attention_note] + run.notes)
-        run.final_val_loss, run.last_step, outcome = float("nan"), run.start_step, 0
+        outcome = 0
         try:
             stopped = run.loop(log, Checkpointer(args, run_id, rank), stop)
             if stopped:
@@ -962,7 +953,8 @@ def main(argv):
             outcome = 130
         finally:
             log(summary_line(run.final_val_loss, run.clock, device, world_size))
-            log.close()
+            if log.file:
+                log.file.close()
             if dist.is_initialized():
                 dist.destroy_process_group()
     return outcome if isinstance(outcome, int) else fail(outcome)
