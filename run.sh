@@ -28,6 +28,7 @@ if [ "${NNODES:-1}" = 1 ]; then
 fi
 : "${MASTER_ADDR:?run.sh: set MASTER_ADDR to the address of the node with NODE_RANK=0}"
 : "${NODE_RANK:?run.sh: set NODE_RANK (0 to NNODES-1) on each node}"
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
-  --nproc_per_node="$NPROC_PER_NODE" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" \
+IS_HOST=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store, never a race between nodes
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-conf="is_host=$IS_HOST" \
   --rdzv-id="${RUN_ID:-speedrun}" train_gpt2.py "$@"
