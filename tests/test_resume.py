@@ -69,7 +69,8 @@ def test_timed_total_is_the_sum_of_the_timed_parts(shards, tmp_path, uninterrupt
 
 def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tmp_path, uninterrupted):
     full, checkpoint = uninterrupted
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                          "--nproc_per_node=2",
                           "train_gpt2.py", f"--resume={checkpoint}", "--device_batch_size=2", "--device=cpu",
                           f"--records_dir={tmp_path}/two", shards[3]],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -149,7 +150,7 @@ def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, caps
     """run.sh on two 'nodes' (one gloo process each, c10d rendezvous on loopback) equals one process."""
     flags = TINY_FLAGS + shards[:2] + [shards[3], "--num_iterations=4", "--warmdown_iters=2", "--val_loss_every=2"]
     single = run_in_process(flags, tmp_path / "one")
-    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "LOCAL_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     # Output goes to files, not pipes: a node blocked on a full, unread pipe would stall the other at torchrun's exit barrier.
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]

@@ -58,7 +58,8 @@ def test_golden_losses_of_a_fixed_tiny_config(shards, capsys):
 
 
 def run_script(flags, nproc=None, **popen):
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                f"--nproc_per_node={nproc}"] if nproc else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "train_gpt2.py"), *flags],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
