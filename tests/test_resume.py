@@ -70,9 +70,8 @@ def test_timed_total_is_the_sum_of_the_timed_parts(shards, tmp_path, uninterrupt
 def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tmp_path, uninterrupted):
     full, checkpoint = uninterrupted
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                          "--nproc_per_node=2",
-                          "train_gpt2.py", f"--resume={checkpoint}", "--device_batch_size=2", "--device=cpu",
-                          f"--records_dir={tmp_path}/two", shards[3]],
+                          "--nproc_per_node=2", "train_gpt2.py", f"--resume={checkpoint}", "--device_batch_size=2",
+                          "--device=cpu", f"--records_dir={tmp_path}/two", shards[3]],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     two = read_record(f"{tmp_path}/two")
