@@ -1,6 +1,6 @@
 """CPU sibling of the GPU check: tests/gpu_benchmark.py on the tiny preset, its numbers checked by hand.
 
-tests/gpu_check.sh runs the same script with --preset full and --preset full24gb on a GPU; here the
+tests/gpu_check.sh runs the same script with --preset full24gb on a GPU (--preset full is for runs by hand); here the
 same code path (synthetic shards, trainer subprocess, record parsing, FLOP count, memory verdict)
 runs on the CPU in seconds.
 """
@@ -108,12 +108,10 @@ def test_metrics_of_a_24gb_record():
     assert "16 sequences x 32 micro-steps per step" in text and "PASS: peak 20.00 GiB < 24 GiB" in text
 
 
-def test_synthetic_tokens_fit_the_vocab_and_bad_flags_are_refused(capsys):
+def test_synthetic_tokens_fit_the_vocab_and_bad_flags_are_refused():
     tokens = gpu_benchmark.synthetic_tokens(5000, 50304, noise_seed=1)
     assert tokens.min() >= 0 and tokens.max() < 50257 and len(tokens) == 5000
     assert gpu_benchmark.synthetic_tokens(300, 256, noise_seed=1).max() < 256
-    with pytest.raises(SystemExit, match="unknown flag --bogus"):
-        gpu_benchmark.main(["--preset", "tiny", "--bogus=1"])
-    with pytest.raises(SystemExit):
-        gpu_benchmark.main(["--preset", "tiny", "stray"])
-    assert "trainer flags look like --name=value" in capsys.readouterr().err
+    for bad in ("--bogus=1", "stray"):  # the trainer's parser refuses them, before any shard is written
+        with pytest.raises(SystemExit, match=f"^gpu_benchmark: .*{bad}"):
+            gpu_benchmark.main(["--preset", "tiny", bad])
