@@ -350,10 +350,11 @@ def run_ab(harness, field, label, repeats, step_s, deadline):
     if need * 1.2 > left:
         return dict(item=label, skipped=f"needs about {need:.0f} s, {left:.0f} s left of --timeout")
     if compile_s:
-        started = time.monotonic()
+        started, graphs = time.monotonic(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
         harness.run(2, Variant(coordinate_descent=False))
-        print(f"gpu_report: compile without coordinate-descent tuning, 2 steps: {time.monotonic() - started:.1f} s",
-              flush=True)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs  # 0: the off side reused a graph
+        print(f"gpu_report: compile without coordinate-descent tuning ({graphs} new graphs), 2 steps: "
+              f"{time.monotonic() - started:.1f} s", flush=True)
     samples = {True: [], False: []}
     harness.vocab_check.host_ms.clear()
     for repeat in range(repeats):
