@@ -3,18 +3,24 @@
     python sample.py CHECKPOINT --prompt "The meaning of life is" --max_new_tokens 100
     python sample.py CHECKPOINT --temperature 0          # greedy: the most likely token each step
 
-Prints the prompt followed by its continuation (stdout); what was loaded goes to stderr.
-Exactly --max_new_tokens tokens are generated unless --stop_at_eot is given. The same
---seed gives the same text on the same device. No prompt = start of a new document
-(<|endoftext|>), and only the continuation is printed.
+Prints the prompt followed by its continuation (stdout), token by token as they come; what
+was loaded goes to stderr. Exactly --max_new_tokens tokens are generated unless --stop_at_eot
+is given; Ctrl-C stops early and keeps what was printed. The same --seed gives the same text
+on the same device. No prompt = start of a new document (<|endoftext|>), and only the
+continuation is printed.
 """
 import argparse
+import codecs
 import dataclasses
+import decimal
+import itertools
+import math
 import os
 import sys
 
 import torch
 
+from data.flags import FlagParser, at_least
 from train_gpt2 import GPT, CheckpointError, Hyperparameters, load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -31,47 +37,60 @@ def load_model(path, device):
     except CheckpointError as e:
         fail(e)
     fields = {f.name for f in dataclasses.fields(Hyperparameters)}
-    args = Hyperparameters(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
-    model = GPT.from_args(args)
     try:
+        args = Hyperparameters(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
+        model = GPT.from_args(args)
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        fail(f"{path}: the weights do not fit the model its hyperparameters describe ({str(e).splitlines()[0]})")
-    return model.float().to(device).eval(), args, checkpoint["step"]
+        if not all(t.isfinite().all() for t in model.state_dict().values()):
+            fail(f"{path} holds NaN or infinite weights (a diverged run?): sample from an earlier checkpoint")
+        return model.float().to(device).eval(), args, int(checkpoint["step"])
+    except KeyError as e:
+        fail(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint")
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad hyperparameters
+        fail(f"{path}: the weights do not fit the model its hyperparameters describe "
+             f"({(str(e).splitlines() or [type(e).__name__])[0]})")
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature, top_k, generator, max_vocab, context, stop_id=None):
-    """Sample max_new_tokens ids after prompt_ids; returns the new ids (a list of ints).
+    """Sample max_new_tokens ids after prompt_ids; yields each new id (an int) as soon as it is drawn.
 
     temperature 0 = greedy (argmax). top_k None or 0 = sample from the whole distribution.
     Only ids < max_vocab are ever produced (the model's vocab is padded past the tokenizer's).
     The model sees at most the last `context` tokens (the sequence length it was trained on).
     generator: a CPU torch.Generator; the draw is made on the CPU so a seed means the same
-    thing on every device. stop_id: stop early, without returning it, once this id is drawn.
+    thing on every device. stop_id: stop early, without yielding it, once this id is drawn.
     """
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    new = []
     for _ in range(max_new_tokens):
         logits = model(ids[:, -context:])[0, -1].float().cpu()
         logits[max_vocab:] = float("-inf")
         if temperature == 0:
             token = int(torch.argmax(logits))
         else:
-            logits = logits / temperature
+            # the top logit becomes 0 and fp64 keeps any positive temperature > 0: no overflow, no 0/0
+            logits = (logits.double() - logits.max()) / temperature
             if top_k:
                 kth = torch.topk(logits, min(top_k, max_vocab)).values[-1]
                 logits[logits < kth] = float("-inf")
             probs = torch.softmax(logits, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
         if token == stop_id:
-            break
-        new.append(token)
+            return
+        yield token
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    return new
+
+
+def write_text(enc, ids):
+    """Print the text of `ids` as they come; a character split across tokens waits for its last byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # what enc.decode does in one go
+    for token in ids:
+        sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(token)))
+        sys.stdout.flush()
+    print(decoder.decode(b"", final=True), flush=True)
 
 
 def gpt2_tokenizer():
@@ -85,26 +104,27 @@ def gpt2_tokenizer():
              f"without access to openaipublic, run `python data/gpt2_vocab.py` first")
 
 
+def parse_temperature(text):
+    """--temperature: finite and >= 0; a positive value so small that it reads as 0.0 would silently mean greedy."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0) or (value == 0 and decimal.Decimal(text) != 0):
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or finite and at least 5e-324, got {text!r}")
+    return value
+parse_temperature.__name__ = "float"  # argparse says "invalid float value: 'x'" for text that is not a number
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Sample text from a train_gpt2.py checkpoint.")
+    p = FlagParser(prog="sample.py", description="Sample text from a train_gpt2.py checkpoint.")
     p.add_argument("checkpoint", help="file written by train_gpt2.py")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    p.add_argument("--num_samples", type=int, default=1, help="independent continuations of the prompt")
+    p.add_argument("--max_new_tokens", type=at_least(0), default=200, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=parse_temperature, default=0.8, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top_k", type=at_least(0), default=50, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=at_least(0, 2**64 - 1), default=0, help="seed of the sampling")
+    p.add_argument("--num_samples", type=at_least(1), default=1, help="independent continuations of the prompt")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA if visible")
     p.add_argument("--stop_at_eot", action="store_true", help="stop a sample early at <|endoftext|>")
-    args = p.parse_args(argv)
-    for name in ("max_new_tokens", "top_k"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not args.temperature >= 0:
-        fail(f"--temperature must be >= 0, got {args.temperature}")
-    if args.num_samples < 1:
-        fail(f"--num_samples must be >= 1, got {args.num_samples}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
@@ -121,15 +141,25 @@ def main(argv=None):
         fail(f"the checkpoint's vocab_size={args.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}")
     print(f"sample.py: {opts.checkpoint} (step {step}, {args.num_layers} layers x {args.model_dim}, "
           f"context {args.seq_len}) on {device}", file=sys.stderr)
+    if len(prompt_ids) > args.seq_len:
+        print(f"sample.py: the prompt has {len(prompt_ids)} tokens; the model sees only the last {args.seq_len}",
+              file=sys.stderr)
     generator = torch.Generator().manual_seed(opts.seed)
     for i in range(opts.num_samples):
-        new = generate(model, prompt_ids, opts.max_new_tokens, opts.temperature, opts.top_k, generator, max_vocab,
-                       args.seq_len, stop_id=enc.eot_token if opts.stop_at_eot else None)
         if i:
             print("\n" + "-" * 40)
-        text = enc.decode(prompt_ids + new) if opts.prompt else enc.decode(new)
-        print(text, flush=True)
+        new = generate(model, prompt_ids, opts.max_new_tokens, opts.temperature, opts.top_k, generator, max_vocab,
+                       args.seq_len, stop_id=enc.eot_token if opts.stop_at_eot else None)
+        write_text(enc, itertools.chain(prompt_ids if opts.prompt else [], new))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(flush=True)  # what was printed stays; the shell prompt starts on a line of its own
+        print("sample.py: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a process that a closed pipe ended
