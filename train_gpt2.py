@@ -6,10 +6,11 @@
 One GPU or a CPU runs the same math through gradient accumulation. Every run logs its
 own source, environment, hyperparameters and step lines to records/.
 """
+import argparse
 import dataclasses
+import errno
 import gc
 import glob
-import inspect
 import math
 import os
 import platform
@@ -17,10 +18,11 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -35,68 +37,79 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # Hyperparameters
 
 
-class ConfigError(ValueError):
+class TrainError(Exception):
+    """Bad input the user can fix: main() turns it into one line on stderr and exit status 1."""
+
+
+class ConfigError(TrainError, ValueError):
     """A flag or a combination of flags that cannot run."""
+
+
+POSITIVE = (lambda v: v > 0, "must be positive")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def knob(default, help, rule=None):
+    """A Hyperparameters field: its default, its --help text, and the (test, reason) its value must pass."""
+    return field(default=default, metadata=dict(help=help, rule=rule))
 
 
 @dataclass
 class Hyperparameters:
-    input_bin: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of training shards
-    input_val_bin: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards (the first is used)
-    batch_size: int = 512  # sequences per optimizer step, over all devices and micro-steps
-    device_batch_size: int = 0  # sequences per device per micro-step; 0 or auto = the most that fits, up to 64
-    seq_len: int = 1024  # tokens per sequence
-    num_iterations: int = 3242  # optimizer steps
-    warmdown_iters: int = 926  # last steps over which every learning rate decays linearly to 0
-    embed_lr: float = 0.3  # Adam lr of the token embedding
-    head_lr: float = 0.002  # Adam lr of the lm head
-    scalar_lr: float = 0.02  # Adam lr of the value-residual and x0-mixing scalars
-    adam_beta1: float = 0.9  # Adam beta1, all Adam groups
-    adam_beta2: float = 0.95  # Adam beta2, all Adam groups
-    muon_lr: float = 0.02  # Muon lr of the 2-D block matrices
-    muon_momentum: float = 0.95  # Muon Nesterov momentum after warmup
-    muon_momentum_start: float = 0.85  # Muon momentum at step 0, warmed up linearly (recipe: -0.013 val loss)
-    muon_momentum_warmup_steps: int = 500  # steps of the Muon momentum warmup
-    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128 for fast matmuls
-    num_layers: int = 12  # transformer blocks
-    model_dim: int = 768  # residual stream width
-    num_heads: int = 6  # attention heads (head dim = model_dim / num_heads)
-    mlp_ratio: int = 4  # MLP hidden width / model_dim
-    rope_base: float = 10000.0  # rotary embedding base
-    logit_softcap: float = 30.0  # logits = cap * tanh(logits / cap) (Gemma 2)
-    val_loss_every: int = 125  # validate every this many steps (and at step 0 and the end); 0 = only at the end
-    val_tokens: int = 10485760  # validation tokens, from the start of the val shard
-    untimed_steps: int = 10  # first steps left out of train_time (compilation, warmup)
-    seed: int = 0  # seed of weight init
-    device: str = "auto"  # auto (CUDA if visible, else CPU), cuda or cpu
-    compile: str = "auto"  # torch.compile: auto (on for CUDA, off for CPU), true or false
-    run_name: str = "run"  # record name: the log goes to records_dir/<date>_<run_name>/
-    records_dir: str = "records"  # where run logs are written
-    checkpoint_dir: str = "checkpoints"  # where checkpoints are written (outside records/: they are large)
-    save_every: int = 0  # checkpoint every this many steps; 0 = off
-    save_every_minutes: float = 30.0  # checkpoint every this many minutes of wall time; 0 = off
-    keep_checkpoints: int = 2  # newest checkpoints of this run kept on disk (also one on SIGINT/SIGTERM)
-    resume: str = ""  # checkpoint to continue from: a path, or latest (newest under checkpoint_dir)
-    memory_limit_gb: float = 0.0  # cap this process's GPU memory, to rehearse a smaller card; 0 = no cap
-    progress_seconds: float = 10.0  # console progress line (steps/s, tokens/s, ETA) this often; 0 = off
+    input_bin: str = knob("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
+    input_val_bin: str = knob("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards (the first is used)")
+    batch_size: int = knob(512, "sequences per optimizer step, over all devices and micro-steps", POSITIVE)
+    device_batch_size: int | None = knob(None, "sequences per device per micro-step; auto = the most that fits, "
+                                               "up to 64", POSITIVE)
+    seq_len: int = knob(1024, "tokens per sequence", POSITIVE)
+    num_iterations: int = knob(3242, "optimizer steps", POSITIVE)
+    warmdown_iters: int = knob(926, "last steps over which every learning rate decays linearly to 0", NON_NEGATIVE)
+    embed_lr: float = knob(0.3, "Adam lr of the token embedding", POSITIVE)
+    head_lr: float = knob(0.002, "Adam lr of the lm head", POSITIVE)
+    scalar_lr: float = knob(0.02, "Adam lr of the value-residual and x0-mixing scalars", POSITIVE)
+    adam_beta1: float = knob(0.9, "Adam beta1, all Adam groups", FRACTION)
+    adam_beta2: float = knob(0.95, "Adam beta2, all Adam groups", FRACTION)
+    muon_lr: float = knob(0.02, "Muon lr of the 2-D block matrices", POSITIVE)
+    muon_momentum: float = knob(0.95, "Muon Nesterov momentum after warmup", FRACTION)
+    muon_momentum_start: float = knob(0.85, "Muon momentum at step 0, warmed up linearly (recipe: -0.013 val loss)",
+                                      FRACTION)
+    muon_momentum_warmup_steps: int = knob(500, "steps of the Muon momentum warmup", NON_NEGATIVE)
+    muon_ns_steps: int = knob(5, "Newton-Schulz iterations per Muon update", POSITIVE)
+    vocab_size: int = knob(50304, "GPT-2's 50257 padded to a multiple of 128 for fast matmuls", POSITIVE)
+    num_layers: int = knob(12, "transformer blocks", POSITIVE)
+    model_dim: int = knob(768, "residual stream width", POSITIVE)
+    num_heads: int = knob(6, "attention heads (head dim = model_dim / num_heads)", POSITIVE)
+    mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE)
+    rope_base: float = knob(10000.0, "rotary embedding base", POSITIVE)
+    logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", POSITIVE)
+    val_loss_every: int = knob(125, "validate every this many steps (and at step 0 and the end); 0 = only at the end",
+                               NON_NEGATIVE)
+    val_tokens: int = knob(10485760, "validation tokens, from the start of the val shard", POSITIVE)
+    untimed_steps: int = knob(10, "first steps left out of train_time (compilation, warmup)", NON_NEGATIVE)
+    seed: int = knob(0, "seed of weight init")
+    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu",
+                       (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu"))
+    compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU")
+    run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/",
+                         (lambda v: re.fullmatch(r"\w[\w.-]*", v), "may hold letters, digits, '.', '_', '-' only, "
+                                                                       "and starts with a letter or digit"))
+    records_dir: str = knob("records", "where run logs are written")
+    checkpoint_dir: str = knob("checkpoints", "where checkpoints are written (outside records/: they are large)")
+    save_every: int = knob(0, "checkpoint every this many steps; 0 = off", NON_NEGATIVE)
+    save_every_minutes: float = knob(30.0, "checkpoint every this many minutes of wall time; 0 = off", NON_NEGATIVE)
+    keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE)
+    resume: str = knob("", "checkpoint to continue from: a path, or latest (the newest of this run_name)")
+    memory_limit_gb: float = knob(0.0, "cap this process's GPU memory, to rehearse a smaller card; 0 = no cap",
+                                  NON_NEGATIVE)
+    progress_seconds: float = knob(10.0, "console progress line (steps/s, tokens/s, ETA) this often; 0 = off",
+                                   NON_NEGATIVE)
 
-    def validate(self):
-        """Refuse values that cannot run, with a message naming the flag."""
-        rules = [("must be positive", lambda v: v > 0, "batch_size seq_len num_iterations vocab_size num_layers "
-                  "model_dim num_heads mlp_ratio val_tokens muon_ns_steps embed_lr head_lr scalar_lr muon_lr "
-                  "logit_softcap rope_base"),
-                 ("must be >= 0", lambda v: v >= 0, "device_batch_size warmdown_iters val_loss_every untimed_steps "
-                  "muon_momentum_warmup_steps save_every save_every_minutes keep_checkpoints memory_limit_gb "
-                  "progress_seconds"),
-                 ("must be in [0, 1)", lambda v: 0 <= v < 1, "adam_beta1 adam_beta2 muon_momentum muon_momentum_start"),
-                 ("must be auto, cuda or cpu", lambda v: v in ("auto", "cuda", "cpu"), "device"),
-                 ("must be auto, true or false", lambda v: v in ("auto", "true", "false"), "compile"),
-                 ("may hold letters, digits, '.', '_' and '-' only", lambda v: re.fullmatch(r"[\w.-]+", v), "run_name")]
-        for text, ok, names in rules:
-            for name in names.split():
-                if not ok(getattr(self, name)):
-                    raise ConfigError(f"--{name} {text}, got {getattr(self, name)!r}")
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value, rule = getattr(self, f.name), f.metadata["rule"]
+            if rule and value is not None and not rule[0](value):
+                raise ConfigError(f"--{f.name} {rule[1]}, got {value!r}")
         if self.warmdown_iters > self.num_iterations:
             raise ConfigError(f"--warmdown_iters={self.warmdown_iters} exceeds --num_iterations={self.num_iterations}")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -104,7 +117,6 @@ class Hyperparameters:
         if self.val_tokens % (self.batch_size * self.seq_len):
             raise ConfigError(f"--val_tokens={self.val_tokens} must be a multiple of batch_size*seq_len "
                               f"= {self.batch_size * self.seq_len}")
-        return self
 
     def grad_accum_steps(self, world_size):
         """Micro-steps per optimizer step that keep the global batch exact on this many devices."""
@@ -117,45 +129,57 @@ class Hyperparameters:
         return per_device // (self.device_batch_size or per_device)
 
     def as_flags(self):
-        return [f"--{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)]
+        return [f"--{f.name}={flag_text(getattr(self, f.name))}" for f in dataclasses.fields(self)]
 
 
-def field_help():
-    """Each field's trailing comment, read from this class's source: the comment is the documentation."""
-    source = inspect.getsource(Hyperparameters)
-    return dict(re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, flags=re.M))
+def flag_text(value):
+    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-MACHINE_FIELDS = ("device_batch_size", "device", "compile", "resume", "memory_limit_gb")  # not inherited on resume
+def flag_type(kind):
+    """argparse's converter for a field type; `T | None` also takes auto (None: decided at start-up)."""
+    base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))
+
+    def convert(text):
+        if text == "auto" and base is not kind:
+            return None
+        if base is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if base is bool:
+            raise ValueError(text)
+        return base(text)
+    convert.__name__ = base.__name__ + (" or auto" if base is not kind else "")  # argparse names it in errors
+    return convert
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, raised, instead of usage text and sys.exit(2)
+        raise ConfigError(f"{message} (see --help)")
+
+
+def flag_parser():
+    parser = FlagParser(prog="train_gpt2.py", usage="%(prog)s [--name value | --name=value ...]", allow_abbrev=False,
+                        description=__doc__.split("\n\n")[0],
+                        argument_default=argparse.SUPPRESS, epilog="Flags take --name value or --name=value.")
+    for f in dataclasses.fields(Hyperparameters):
+        is_bool = bool in getattr(f.type, "__args__", (f.type,))
+        parser.add_argument(f"--{f.name}", type=flag_type(f.type), nargs="?" if is_bool else None,
+                            const=True if is_bool else None, metavar=f.name.upper(),
+                            help=f"{f.metadata['help']} (default: {flag_text(f.default)})")
+    return parser
 
 
 def parse_flags(argv):
-    """The `--name=value` flags as a dict of typed values; any unknown or malformed flag is a ConfigError."""
-    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    values = {}
-    for arg in argv:
-        match = re.fullmatch(r"--(\w+)=(.*)", arg)
-        if not match:
-            raise ConfigError(f"cannot read argument {arg!r}: flags look like --name=value (see --help)")
-        name, text = match.groups()
-        if name not in fields:
-            raise ConfigError(f"unknown flag --{name} (see --help for the list)")
-        kind = fields[name].type
-        try:
-            values[name] = 0 if (name, text) == ("device_batch_size", "auto") else kind(text)
-        except ValueError:
-            raise ConfigError(f"--{name} takes {kind.__name__}, got {text!r}") from None
-    return values
+    """The flags given on the command line, as {name: typed value}; anything unknown is a ConfigError."""
+    return vars(flag_parser().parse_args(argv))
 
 
 def parse_args(argv):
-    return Hyperparameters(**parse_flags(argv)).validate()
+    return Hyperparameters(**parse_flags(argv))
 
 
-def usage():
-    helps = field_help()
-    return "\n".join([__doc__.strip(), "", "Flags (--name=value, default shown):"] + [
-        f"  --{f.name}={f.default}".ljust(52) + helps[f.name] for f in dataclasses.fields(Hyperparameters)])
+MACHINE_FIELDS = ("device_batch_size", "device", "compile", "resume", "memory_limit_gb")  # not inherited on resume
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio")  # a checkpoint fixes these
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,9 +209,11 @@ class Muon(torch.optim.Optimizer):
     (zeros except each owner's slices, so the sum is exact) hands every rank every update.
     """
 
-    def __init__(self, params, lr, momentum, ns_steps, rank, world_size, ns_dtype):
+    def __init__(self, params, lr, momentum, ns_steps, rank, world_size, ns_dtype,
+                 orthogonalize=newton_schulz_orthogonalize):
         super().__init__(params, dict(lr=lr, momentum=momentum))
         self.ns_steps, self.rank, self.world_size, self.ns_dtype = ns_steps, rank, world_size, ns_dtype
+        self.orthogonalize = orthogonalize
 
     def _owned(self, params):
         return range(self.rank, len(params), self.world_size)
@@ -207,7 +233,7 @@ class Muon(torch.optim.Optimizer):
             self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
         buf = self.state[p]["momentum_buffer"]
         buf.mul_(momentum).add_(p.grad)
-        update = newton_schulz_orthogonalize(p.grad.add(buf, alpha=momentum), self.ns_steps, self.ns_dtype)  # Nesterov
+        update = self.orthogonalize(p.grad.add(buf, alpha=momentum), self.ns_steps, self.ns_dtype)  # Nesterov
         return update * max(1.0, p.size(0) / p.size(1)) ** 0.5  # same RMS per element for tall matrices
 
     @torch.no_grad()
@@ -229,6 +255,8 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def load_momentum_buffers(self, buffers):
         params = self.param_groups[0]["params"]
+        if [b.shape for b in buffers] != [p.shape for p in params]:
+            raise ValueError("Muon momentum buffers of other shapes than the matrices")
         for index in self._owned(params):
             self.state[params[index]]["momentum_buffer"] = buffers[index].to(params[index])
 
@@ -360,6 +388,31 @@ def cast_model(model, dtype):
     return model
 
 
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # the 8 Nov record's setting: tunes each kernel's launch
+
+
+def compile_model(model):
+    return torch.compile(model, dynamic=False, options=INDUCTOR_OPTIONS)  # static shapes: one graph per size
+
+
+def build_optimizers(model, args, rank, world_size, device):
+    """Adam for embedding, head and scalars; Muon for every 2-D matrix inside the blocks. No weight decay."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    scalars = [p for p in model.blocks.parameters() if p.ndim < 2]
+    adam = torch.optim.Adam([dict(params=[model.embed.weight], lr=args.embed_lr),
+                             dict(params=[model.lm_head.weight], lr=args.head_lr),
+                             dict(params=scalars, lr=args.scalar_lr)],
+                            betas=(args.adam_beta1, args.adam_beta2), fused=device.type == "cuda")
+    muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.muon_ns_steps, rank=rank,
+                world_size=world_size, ns_dtype=compute_dtype(device))
+    if device.type == "cuda":  # 15 bf16 matmuls + element-wise work per matrix: fused, one graph per matrix shape
+        muon.orthogonalize = torch.compile(newton_schulz_orthogonalize, dynamic=False)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return adam, muon
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: llm.c / FineWeb token shards
 
@@ -367,7 +420,7 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-class ShardError(ValueError):
+class ShardError(TrainError, ValueError):
     """A missing, corrupt or too small token shard."""
 
 
@@ -405,7 +458,7 @@ class ShardLoader:
                              f"or point the flag at your shards")
         self.seq_len, self.rank, self.device, self.vocab_size = seq_len, rank, device, vocab_size
         self.step_tokens, self.rank_tokens = batch_size * seq_len, batch_size * seq_len // world_size
-        self.steps_per_pass = 0  # optimizer steps before the stream starts over at the first shard
+        self.steps_per_pass, self.checked = 0, set()  # steps before the stream starts over; shards vocab-checked
         for path in self.files:
             tokens = len(read_shard(path))
             if tokens < self.step_tokens + 1:
@@ -418,18 +471,37 @@ class ShardLoader:
         self.seek(0, 0)
 
     def seek(self, shard_index, position):
-        self.shard_index, self.position, self.tokens = shard_index, position, read_shard(self.files[shard_index])
+        """Continue `position` tokens into shard `shard_index` (where a checkpoint's data state points)."""
+        if shard_index >= len(self.files):
+            raise ShardError(f"the run continues in shard {shard_index + 1} but only {len(self.files)} match its "
+                             f"pattern here: download the same shards (python data/cached_fineweb10B.py)")
+        self.shard_index, self.position, self.pending = shard_index, position, None
+        self.tokens = read_shard(self.files[shard_index])
+        if shard_index not in self.checked:  # once per shard: an id past the vocab is a device-side assert on CUDA
+            if self.tokens.max() >= self.vocab_size:
+                first = int(np.argmax(self.tokens >= self.vocab_size))
+                raise ShardError(f"{self.files[shard_index]}: token {first} is id {self.tokens[first]}, not below "
+                                 f"--vocab_size={self.vocab_size}: data of another tokenizer?")
+            self.checked.add(shard_index)
+
+    def state(self):
+        """Where the next batch starts (a prefetched batch is not consumed yet): what a checkpoint stores."""
+        return self.pending[0] if self.pending else dict(shard_index=self.shard_index, position=self.position)
 
     def next_batch(self):
         """This rank's (inputs, targets) for one optimizer step, each of shape (batch_size/world, seq_len)."""
+        (_, batch), self.pending = self.pending or (None, self._load()), None
+        return batch
+
+    def prefetch(self):
+        """Load the next batch now, while the device is still busy with this step."""
+        self.pending = (self.state(), self._load())
+
+    def _load(self):
         if self.position + self.step_tokens + 1 > len(self.tokens):
             self.seek((self.shard_index + 1) % len(self.files), 0)
         start = self.position + self.rank * self.rank_tokens
-        window = self.tokens[start:start + self.rank_tokens + 1]
-        if window.max() >= self.vocab_size:  # else an embedding lookup out of range: a device-side assert on CUDA
-            raise ShardError(f"{self.files[self.shard_index]}: token id {window.max()} near token {start} is not below "
-                             f"--vocab_size={self.vocab_size}: data of another tokenizer?")
-        window = torch.from_numpy(window.astype(np.int64))
+        window = torch.from_numpy(self.tokens[start:start + self.rank_tokens + 1].astype(np.int64))
         self.position += self.step_tokens
         if self.device.type == "cuda":
             window = window.pin_memory().to(self.device, non_blocking=True)  # one copy; x and y are views of it
@@ -469,20 +541,47 @@ def all_reduce_sum(value, world_size):
 # Logging: the speedrun record format
 
 
+class OutputError(TrainError):
+    """A record or checkpoint that cannot be written: full disk, read-only folder."""
+
+
+def output_error(path, error):
+    if error.errno == errno.ENOSPC:
+        return OutputError(f"the disk holding {os.path.dirname(path) or '.'} is full: free space there, or point "
+                           f"--records_dir / --checkpoint_dir at another disk")
+    return OutputError(f"cannot write {path}: {error.strerror or error}")
+
+
 class RunLog:
-    """Prints on rank 0 and appends to a new record file (line-buffered); other ranks stay silent."""
+    """Prints on rank 0 and appends whole lines to a new record file; other ranks stay silent. A line the disk
+    cannot take is left out whole and remembered in `error`: the loop then stops the run at the next step."""
 
     def __init__(self, path):
-        self.path, self.file = path, None
+        self.path, self.fd, self.size, self.error = path, None, 0, None
         if path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self.file = open(path, "x", buffering=1)  # "x": never overwrite an earlier record
+            try:  # O_EXCL: never over an earlier record; O_APPEND: after a failed line, the next goes at the end
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            except OSError as e:
+                raise output_error(path, e) from None
 
     def __call__(self, line="", console=True, record=True):
-        if self.file and console:
+        if self.fd is None:
+            return
+        if console:
             print(line, flush=True)
-        if self.file and record:
-            self.file.write(line + "\n")
+        if record:
+            data, written = (line + "\n").encode(), 0
+            try:
+                while written < len(data):
+                    written += os.write(self.fd, data[written:])
+                self.size += written
+            except OSError as e:
+                os.ftruncate(self.fd, self.size)  # never half a line: a reader sees whole lines only
+                self.error = self.error or output_error(self.path, e)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def environment_lines(device):
@@ -518,121 +617,32 @@ def step_line(step, num_iterations, kind, loss, clock):
     return f"step:{step}/{num_iterations} {kind}:{loss:.4f} {clock}"
 
 
-def summary_line(final_val_loss, clock, device, world_size):
-    return (f"summary: final_val_loss:{final_val_loss:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
-            f"world_size:{world_size} device:{device_name(device)}")
+def progress_line(step, args, train_loss, steps_per_s, clock):
+    return (f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s "
+            f"{steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
+            f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
+            f"{timedelta(seconds=round((args.num_iterations - step) / steps_per_s))}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
-SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or of another model."""
-
-
-def find_latest_checkpoint(checkpoint_dir):
-    paths = glob.glob(os.path.join(checkpoint_dir, "**", "*.pt"), recursive=True)
-    if not paths:
-        raise CheckpointError(f"--resume=latest found no checkpoint under {checkpoint_dir}/")
-    return max(paths, key=os.path.getmtime)
-
-
-def load_checkpoint(path):
-    """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
-        reason = " ".join(str(e).split()).split(". ")[0]  # the first sentence: torch's advice that follows is unsafe
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
-    return checkpoint
-
-
-def resolve_args(argv):
-    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under the given flags."""
-    flags = parse_flags(argv)
-    if not flags.get("resume"):
-        return Hyperparameters(**flags).validate(), None
-    checkpoint_dir = flags.get("checkpoint_dir", Hyperparameters.checkpoint_dir)
-    path = find_latest_checkpoint(checkpoint_dir) if flags["resume"] == "latest" else flags["resume"]
-    checkpoint = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(Hyperparameters)} - set(MACHINE_FIELDS)
-    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
-    args = Hyperparameters(**{**inherited, **flags, "resume": path}).validate()
-    for name in SHAPE_FIELDS:
-        if getattr(args, name) != inherited[name]:
-            raise CheckpointError(f"{path} holds a model with --{name}={inherited[name]}, not {getattr(args, name)}: "
-                                  f"resume it without changing the model shape")
-    return args, checkpoint
-
-
-class Checkpointer:
-    """Atomic checkpoints (temp file, then rename) of everything a resumed run needs; keeps the newest K."""
-
-    def __init__(self, args, run_id, rank):
-        self.args, self.rank, self.saved = args, rank, []
-        self.prefix = os.path.join(args.checkpoint_dir, args.run_name, run_id)
-        self.last_save = time.monotonic()
-
-    def due(self, step):
-        minutes = self.args.save_every_minutes
-        return bool(self.args.save_every and step % self.args.save_every == 0) or \
-            bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
-
-    def save(self, step, run, record):
-        momentum = run.muon.momentum_buffers()  # a collective: every rank takes part
-        self.last_save = time.monotonic()
-        if self.rank != 0:
-            return None
-        path = f"{self.prefix}-step{step:06d}.pt"
-        state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(self.args), step=step,
-                     model=run.model.state_dict(), adam=run.adam.state_dict(), muon_momentum=momentum,
-                     data=dict(shard_index=run.train_loader.shard_index, position=run.train_loader.position),
-                     train_ms=run.clock.train_ms, timed_steps=run.clock.timed_steps, record=record,
-                     rng=dict(cpu=torch.get_rng_state(),
-                              cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)))
-        try:
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)  # never a half-written file under the final name
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            raise OSError(f"cannot write checkpoint {path}: {' '.join(str(e).split())}") from None
-        self.saved.append(path)
-        while len(self.saved) > self.args.keep_checkpoints:
-            os.remove(self.saved.pop(0))
-        return path
-
-
-def restore(checkpoint, run):
-    """Load a checkpoint into a freshly built run; returns the step to continue from."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.adam.load_state_dict(checkpoint["adam"])
-    run.muon.load_momentum_buffers(checkpoint["muon_momentum"])
-    run.train_loader.seek(**checkpoint["data"])
-    run.clock.train_ms, run.clock.timed_steps = checkpoint["train_ms"], checkpoint["timed_steps"]
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-    return checkpoint["step"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training loop
+def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes):
+    """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
+    path = os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
+    log = RunLog(path if rank == 0 else None)
+    with open(__file__) as f:
+        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
+    for line in ["=" * 100, *environment_lines(device), "Hyperparameters:", *args.as_flags(), "Notes:", *notes,
+                 "=" * 100]:
+        log(line, console=False)
+    log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
+        f"{args.device_batch_size} x {accum_steps} micro-steps)", record=False)
+    return log
 
 
 class Clock:
     """Device-synchronized train time; validation, checkpoints and the untimed warmup steps are left out."""
 
-    def __init__(self, device):
-        self.device, self.train_ms, self.timed_steps, self.since = device, 0.0, 0, None
+    def __init__(self, device, train_ms=0.0, timed_steps=0):
+        self.device, self.train_ms, self.timed_steps, self.since = device, train_ms, timed_steps, None
 
     def _now(self):
         if self.device.type == "cuda":
@@ -661,12 +671,100 @@ class Clock:
             self.start()
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and stop signals
+
+CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
+
+
+class CheckpointError(TrainError, ValueError):
+    """A checkpoint that is missing, unreadable, or of another model."""
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
+        reason = " ".join(str(e).split()).split(". ")[0]  # the first sentence: torch's advice that follows is unsafe
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
+    return checkpoint
+
+
+def resolve_args(argv):
+    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under the given flags."""
+    flags = parse_flags(argv)
+    if not flags.get("resume"):
+        return Hyperparameters(**flags), None
+    path = flags["resume"]
+    if path == "latest":
+        run_name = flags.get("run_name", Hyperparameters.run_name)
+        folder = os.path.join(flags.get("checkpoint_dir", Hyperparameters.checkpoint_dir), run_name)
+        paths = glob.glob(os.path.join(folder, "*.pt"))
+        if not paths:
+            raise CheckpointError(f"--resume=latest found no checkpoint of --run_name={run_name} in {folder}/")
+        path = max(paths, key=os.path.getmtime)
+    checkpoint = load_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(Hyperparameters)} - set(MACHINE_FIELDS)
+    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
+    args = Hyperparameters(**{**inherited, **flags, "resume": path})
+    for name in SHAPE_FIELDS:
+        if getattr(args, name) != inherited[name]:
+            raise CheckpointError(f"{path} holds a model with --{name}={inherited[name]}, not {getattr(args, name)}: "
+                                  f"resume it without changing the model shape")
+    if args.num_iterations <= checkpoint["step"]:
+        raise CheckpointError(f"{path} is at step {checkpoint['step']}: nothing to train up to "
+                              f"--num_iterations={args.num_iterations}; raise it to continue")
+    return args, checkpoint
+
+
+def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, record):
+    """Everything a resumed run needs, written atomically (temp file, then rename); rank 0 writes."""
+    state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(args), step=step,
+                 model=model.state_dict(), adam=adam.state_dict(), muon_momentum=muon.momentum_buffers(),
+                 data=train_loader.state(), train_ms=clock.train_ms, timed_steps=clock.timed_steps, record=record,
+                 rng=dict(cpu=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)))
+    if path is None:  # ranks other than 0 only take part in the momentum gather
+        return
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "write failed" in str(e) or "No space" in str(e)
+        raise output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e))) from None
+
+
+def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
+    """Load a checkpoint into a freshly built run; returns (step to continue from, the clock to go on with)."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        adam.load_state_dict(checkpoint["adam"])
+        muon.load_momentum_buffers(checkpoint["muon_momentum"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        step, data, train_ms, timed_steps = (checkpoint[k] for k in ("step", "data", "train_ms", "timed_steps"))
+    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"{path} does not match the model its own flags describe "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    train_loader.seek(**data)
+    return step, Clock(train_loader.device, train_ms, timed_steps)
+
+
 class StopRequest:
-    """SIGINT/SIGTERM ask the run to checkpoint and stop at the next step boundary; a Ctrl-C more than
-    5 s later aborts at once (torchrun forwards the first signal to its workers: that copy is not a second)."""
+    """SIGINT/SIGTERM: before training, stop at once; during it, checkpoint and stop at the next step
+    boundary (a Ctrl-C more than 5 s later aborts at once: torchrun's forwarded copy of the first is
+    not a second); after it, exit at once without a traceback."""
 
     def __init__(self):
-        self.signal, self.since, self.previous = None, 0.0, {}
+        self.signal, self.since, self.previous, self.phase = None, 0.0, {}, "start-up"
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -678,26 +776,24 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if self.phase == "shutdown":
+            os._exit(128 + signum)  # the record's lines are whole already: nothing is lost
+        if self.phase == "start-up":
+            raise Interrupted(signum, "during start-up, before the first step: nothing to save")
         if self.signal is None:
             self.signal, self.since = signum, time.monotonic()
         elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
-            raise KeyboardInterrupt
+            raise Interrupted(signum, "by a second Ctrl-C: no checkpoint")
 
 
-def build_optimizers(model, args, rank, world_size, device):
-    """Adam for embedding, head and scalars; Muon for every 2-D matrix inside the blocks. No weight decay."""
-    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
-    scalars = [p for p in model.blocks.parameters() if p.ndim < 2]
-    adam = torch.optim.Adam([dict(params=[model.embed.weight], lr=args.embed_lr),
-                             dict(params=[model.lm_head.weight], lr=args.head_lr),
-                             dict(params=scalars, lr=args.scalar_lr)],
-                            betas=(args.adam_beta1, args.adam_beta2), fused=device.type == "cuda")
-    muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.muon_ns_steps, rank=rank,
-                world_size=world_size, ns_dtype=compute_dtype(device))
-    for opt in (adam, muon):
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return adam, muon
+class Interrupted(Exception):
+    def __init__(self, signum, why):
+        super().__init__(f"{signal.Signals(signum).name} {why}")
+        self.exit_code = 128 + signum
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop
 
 
 def lr_multiplier(step, args):
@@ -779,188 +875,223 @@ def attention_backends(device):
         yield "attention: cuDNN SDPA first (Hopper), then flash, memory-efficient, math"
 
 
-class Run:
-    """Everything one training run holds, built before the record opens so bad input fails in one line."""
+def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, accum_steps, start_step, clock, log,
+          checkpoint_path, stop, progress):
+    """Steps start_step+1 .. num_iterations; `progress` keeps the last step and val loss for the summary.
+    Returns None at the end, or why every rank agreed to stop early (a signal, or a full disk for the record)."""
+    progress_at, progress_step = time.monotonic(), start_step
+    last_save, save_now, stop_now, saved = time.monotonic(), False, False, []
+    for step in range(start_step, args.num_iterations + 1):
+        last_step = step == args.num_iterations
+        if step == start_step + args.untimed_steps:
+            clock.start()  # after compilation and warmup, in every (resumed) process
 
-    def __init__(self, args, rank, world_size, device, checkpoint):
-        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
-        self.notes = []
-        loader_args = (args.batch_size, args.seq_len, rank, world_size, device, args.vocab_size)
-        self.train_loader = ShardLoader(args.input_bin, *loader_args)
-        self.val_loader = ShardLoader(args.input_val_bin, *loader_args)
-        val_shard = read_shard(self.val_loader.files[0])
-        if len(val_shard) < args.val_tokens + 1:
-            raise ShardError(f"{self.val_loader.files[0]}: {len(val_shard)} tokens is fewer than "
-                             f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
-        if args.num_iterations > self.train_loader.steps_per_pass:
-            self.notes.append(f"data: the train shards hold {self.train_loader.steps_per_pass} steps; later steps "
-                              f"see the same tokens again (download more shards to avoid it)")
-        torch.manual_seed(args.seed)
-        self.model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
-        self.adam, self.muon = build_optimizers(self.model, args, rank, world_size, device)
-        self.clock, self.start_step, self.parent = Clock(device), 0, None
-        if checkpoint is not None:
-            self.start_step = restore(checkpoint, self)
-            self.parent = f"resumed_from: {args.resume} at step {self.start_step} (parent record {checkpoint['record']})"
-        self.last_step, self.final_val_loss = self.start_step, float("nan")  # what the summary reports
-        # static shapes: the probe's compilation at the chosen size is the one training reuses
-        compiled = torch.compile(self.model, dynamic=False) if args.compile == "true" else self.model
-        if not args.device_batch_size:
-            args.device_batch_size, reason = choose_device_batch_size(compiled, args, world_size, device)
-            self.notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
-        self.accum_steps = args.grad_accum_steps(world_size)
-        self.ddp = compiled if world_size == 1 else DDP(  # bucket views: no second copy of the gradients
-            compiled, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+        # ---------------- validation and checkpoint, with the clock paused ----------------
+        if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
+            with clock.paused():
+                progress["val_loss"] = evaluate(ddp, val_loader, args, accum_steps, world_size)
+            log(step_line(step, args.num_iterations, "val_loss", progress["val_loss"], clock))
+        if step > start_step and (save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))):
+            with clock.paused():
+                path = checkpoint_path(step)
+                save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, log.path)
+                saved, last_save = prune_checkpoints(saved + [path], args.keep_checkpoints), time.monotonic()
+            log(f"checkpoint: {path}", record=stop_now or last_step)
+        if stop_now:
+            why = log.error or signal.Signals(stop.signal or signal.SIGTERM).name
+            return f"{why} at step {step}: checkpoint saved, resume with --resume"
+        if last_step:
+            return None
 
-    def train_step(self, step):
-        """One optimizer step over the global batch; returns this rank's mean micro-step loss (on device)."""
-        x, y = self.train_loader.next_batch()
-        train_loss = torch.zeros((), device=self.device)
-        for micro_step, (xm, ym) in enumerate(zip(x.chunk(self.accum_steps), y.chunk(self.accum_steps))):
-            last_micro_step = micro_step == self.accum_steps - 1
-            with nullcontext() if last_micro_step or self.world_size == 1 else self.ddp.no_sync():
-                loss = self.ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
-                (loss / self.accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
-            train_loss += loss.detach().float() / self.accum_steps
-        for opt in (self.adam, self.muon):
+        # ---------------- one optimizer step over the global batch ----------------
+        x, y = train_loader.next_batch()
+        train_loss = torch.zeros((), device=x.device)
+        for micro_step, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
+            last_micro_step = micro_step == accum_steps - 1
+            with nullcontext() if last_micro_step or world_size == 1 else ddp.no_sync():
+                loss = ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
+                (loss / accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
+            train_loss += loss.detach() / accum_steps
+        train_loader.prefetch()  # while the device still runs this step's kernels
+        for opt in (adam, muon):
             for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step, self.args)
-        self.muon.param_groups[0]["momentum"] = muon_momentum(step, self.args)
-        self.adam.step()
-        self.muon.step()
-        self.ddp.zero_grad(set_to_none=True)
-        return train_loss
+                group["lr"] = group["initial_lr"] * lr_multiplier(step, args)
+        muon.param_groups[0]["momentum"] = muon_momentum(step, args)
+        adam.step()
+        muon.step()
+        ddp.zero_grad(set_to_none=True)
 
-    def loop(self, log, checkpointer, stop):
-        """Train to num_iterations, validating, checkpointing and stopping on request at step boundaries.
+        # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ----------------
+        due = bool(args.save_every and (step + 1) % args.save_every == 0) or \
+            bool(args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes)
+        votes = torch.zeros(3, device=x.device)  # filled on the device: no host-to-device copy
+        votes[0], votes[1], votes[2] = train_loss, float(stop.signal is not None or log.error is not None), float(due)
+        loss_sum, stop_votes, save_votes = all_reduce_sum(votes, world_size).tolist()
+        clock.lap()
+        train_loss, stop_now, save_now, progress["step"] = loss_sum / world_size, stop_votes > 0, save_votes > 0, step + 1
+        log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
+                                     f"or check the data")
+        if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
+            rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
+            log(progress_line(step + 1, args, train_loss, rate, clock), record=False)
+            progress_at, progress_step = time.monotonic(), step + 1
 
-        Returns None at the end, or why it stopped early."""
-        args, clock = self.args, self.clock
-        progress_at, progress_step = time.monotonic(), self.start_step
-        save_now = stop_now = False
-        for step in range(self.start_step, args.num_iterations + 1):
-            last_step = step == args.num_iterations
-            if step == self.start_step + args.untimed_steps:
-                clock.start()  # after compilation and warmup, in every (resumed) process
-            validate = last_step or (args.val_loss_every and step % args.val_loss_every == 0)
-            save = step > self.start_step and (save_now or stop_now or (
-                last_step and (args.save_every or args.save_every_minutes)))
-            if validate or save:
-                with clock.paused():
-                    if validate:
-                        self.final_val_loss = evaluate(self.ddp, self.val_loader, args, self.accum_steps,
-                                                       self.world_size)
-                        log(step_line(step, args.num_iterations, "val_loss", self.final_val_loss, clock))
-                    if save:
-                        path = checkpointer.save(step, self, log.path)
-                        log(f"checkpoint: {path}", record=stop_now or last_step)
-            if stop_now:
-                return f"{signal.Signals(stop.signal).name} at step {step}: checkpoint saved, resume with --resume"
-            if last_step:
-                return None
 
-            requests = torch.zeros(3, device=self.device)  # loss, stop, save: one all-reduce makes every rank agree
-            requests[0] = self.train_step(step)
-            requests[1], requests[2] = float(stop.signal is not None), float(checkpointer.due(step + 1))
-            loss_sum, stop_votes, save_votes = all_reduce_sum(requests, self.world_size).tolist()
-            clock.lap()
-            train_loss, stop_now, save_now = loss_sum / self.world_size, stop_votes > 0, save_votes > 0
-            log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
-            self.last_step = step + 1
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
-                                         f"or check the data")
-            if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
-                rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
-                log(f"step {step + 1}/{args.num_iterations} train_loss {train_loss:.4f} | {rate:.2f} steps/s "
-                    f"{rate * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
-                    f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
-                    f"{timedelta(seconds=round((args.num_iterations - step - 1) / rate))}", record=False)
-                progress_at, progress_step = time.monotonic(), step + 1
+def prune_checkpoints(saved, keep):
+    """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
+    for path in saved[:-keep]:
+        if path:
+            os.remove(path)
+    return saved[-keep:]
 
 
 # ----------------------------------------------------------------------------------------------
 # main
 
 
-def fail(message):
-    """Exit with one line on stderr; ranks other than 0 say which they are."""
-    rank = int(os.environ.get("RANK", 0))
-    raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {message}")
+def build_run(args, rank, world_size, device, checkpoint):
+    """Loaders, model, optimizers and the wrapped model, all before the record opens, so bad input fails in one
+    line. Returns them with the start step, the clock and the notes for the record."""
+    notes = []
+    loader_args = (args.batch_size, args.seq_len, rank, world_size, device, args.vocab_size)
+    train_loader = ShardLoader(args.input_bin, *loader_args)
+    val_loader = ShardLoader(args.input_val_bin, *loader_args)
+    overlap = {os.path.realpath(p) for p in train_loader.files} & {os.path.realpath(val_loader.files[0])}
+    if overlap:
+        raise ConfigError(f"--input_bin also matches the validation shard {overlap.pop()}: training on it makes "
+                          f"val loss meaningless; narrow the glob")
+    if len(val_tokens := read_shard(val_loader.files[0])) < args.val_tokens + 1:
+        raise ShardError(f"{val_loader.files[0]}: {len(val_tokens)} tokens is fewer than "
+                         f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
+    if args.num_iterations > train_loader.steps_per_pass:
+        notes.append(f"data: the train shards hold {train_loader.steps_per_pass} steps; later steps see the same "
+                     f"tokens again (download more shards to avoid it)")
+    torch.manual_seed(args.seed)
+    try:
+        model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
+    except (RuntimeError, MemoryError) as e:  # CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError
+        raise ConfigError(f"the model does not fit in {device_name(device)}'s memory ({type(e).__name__}); "
+                          f"check --vocab_size, --model_dim and --num_layers") from None
+    adam, muon = build_optimizers(model, args, rank, world_size, device)
+    start_step, clock = 0, Clock(device)
+    if checkpoint is not None:
+        start_step, clock = restore_checkpoint(checkpoint, args.resume, model, adam, muon, train_loader)
+        notes.append(f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})")
+    compiled = compile_model(model) if args.compile else model  # the probe's compilation is the one training reuses
+    if args.device_batch_size is None:
+        args.device_batch_size, reason = choose_device_batch_size(compiled, args, world_size, device)
+        notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
+    ddp = compiled if world_size == 1 else DDP(  # bucket views: no second copy of the gradients
+        compiled, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return (model, ddp, adam, muon, train_loader, val_loader), start_step, clock, notes
 
 
-def open_record(args, run_id, now, rank, device, run, notes):
-    """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
-    path = os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
-    log = RunLog(path if rank == 0 else None)
-    with open(__file__) as f:
-        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
-    log("=" * 100, console=False)
-    for line in environment_lines(device) + ["Hyperparameters:"] + args.as_flags() + ["Notes:"] + notes:
-        log(line, console=False)
-    log("=" * 100, console=False)
-    log(f"record: {log.path}  (world size {run.world_size}, {device_name(device)}, device_batch_size "
-        f"{args.device_batch_size} x {run.accum_steps} micro-steps)", record=False)
-    if run.parent:
-        log(run.parent)
-    return log
+def prepare_outputs(args, now):
+    """The record and checkpoint folders, created and proven writable before anything slow starts."""
+    folders = dict(records_dir=os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}"),
+                   checkpoint_dir=os.path.join(args.checkpoint_dir, args.run_name))
+    for flag, folder in folders.items():
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise OutputError(f"cannot write to {folder}: {e.strerror}; pick another --{flag}") from None
+    stale = glob.glob(os.path.join(folders["checkpoint_dir"], "*.pt.tmp"))
+    return [f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was writing when "
+            f"it was killed: delete it" for path in stale]
+
+
+def run(argv, stop):
+    """One training run; returns the exit status, or raises what ended it."""
+    args, checkpoint = resolve_args(argv)
+    rank, world_size, device = setup_distributed(args.device)
+    args.grad_accum_steps(world_size)
+    if args.memory_limit_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    now = datetime.now()
+    run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
+    notes = prepare_outputs(args, now) if rank == 0 else []
+    with attention_backends(device) as attention_note:
+        parts, start_step, clock, run_notes = build_run(args, rank, world_size, device, checkpoint)
+        accum_steps = args.grad_accum_steps(world_size)
+        log = open_record(args, run_id, now, rank, device, world_size, accum_steps, [attention_note] + notes + run_notes)
+        for note in notes:
+            log(note, record=False)
+        checkpoint_prefix = os.path.join(args.checkpoint_dir, args.run_name, run_id)
+        checkpoint_path = lambda step: f"{checkpoint_prefix}-step{step:06d}.pt" if rank == 0 else None  # noqa: E731
+        progress, error = dict(step=start_step, val_loss=float("nan")), None
+        try:
+            stop.phase = "training"
+            stopped = train(args, world_size, *parts, accum_steps, start_step, clock, log, checkpoint_path, stop,
+                            progress)
+        except BaseException as e:
+            stopped = first_failure(stop_reason(e, args, device, progress), rank, world_size)
+            error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
+        finally:
+            stop.phase = "shutdown"
+            finish_record(log, stopped, progress, clock, device, world_size)
+            del parts  # DDP holds the process group: freed at exit, gloo aborted 5 of 150 two-rank runs (0 of 150 so)
+            gc.collect()
+    if error or log.error:
+        raise error or log.error
+    return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
+
+
+def stop_reason(error, args, device, progress):
+    if isinstance(error, torch.OutOfMemoryError):
+        return (f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
+                f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor")
+    if isinstance(error, Interrupted):
+        return f"{error} after step {progress['step']}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def first_failure(reason, rank, world_size):
+    """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
+    (the others only see a collective fail once that rank has gone)."""
+    if world_size == 1:
+        return reason
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.compare_set("first_failure", "", f"rank {rank} failed: {reason}").decode()  # the first one wins
+    except Exception:  # the store went with the failing rank's node: say what this rank saw
+        return f"rank {rank} failed: {reason}"
+
+
+def finish_record(log, stopped, progress, clock, device, world_size):
+    """The record's last lines, `stopped:` and `summary:`; on the console too when the disk refused them."""
+    lines = ([f"stopped: {stopped}"] if stopped else []) + [
+        f"summary: final_val_loss:{progress['val_loss']:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
+        f"world_size:{world_size} device:{device_name(device)}"]
+    for line in lines:
+        error = log.error
+        log(line)
+        if log.error is not error:
+            print(line, flush=True)
+    log.close()
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(usage())
-        return 0
+    """Exit status 0 on success; a project error ends in one line on stderr, a signal in 128 + its number."""
+    stop = StopRequest()
     try:
-        args, checkpoint = resolve_args(argv)
-        rank, world_size, device = setup_distributed(args.device)
-        args.grad_accum_steps(world_size)
-        if args.memory_limit_gb and device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
-        args.compile = {"auto": "true" if device.type == "cuda" else "false"}.get(args.compile, args.compile)
-        if rank == 0:
-            for folder in (args.records_dir, os.path.join(args.checkpoint_dir, args.run_name)):
-                os.makedirs(folder, exist_ok=True)
-    except (ConfigError, CheckpointError) as e:
-        fail(e)
-    except OSError as e:
-        fail(f"cannot create {e.filename}: {e.strerror}; pick another --records_dir or --checkpoint_dir")
-
-    now = datetime.now()
-    run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
-    with attention_backends(device) as attention_note, StopRequest() as stop:
-        try:
-            run = Run(args, rank, world_size, device, checkpoint)
-        except (ConfigError, ShardError) as e:
-            fail(e)
-        except torch.OutOfMemoryError:
-            fail("out of GPU memory while building the model: use a GPU with more memory")
-        log = open_record(args, run_id, now, rank, device, run, [attention_note] + run.notes)
-        outcome = 0
-        try:
-            stopped = run.loop(log, Checkpointer(args, run_id, rank), stop)
-            if stopped:
-                log(f"stopped: {stopped}")
-                outcome = 128 + stop.signal
-        except (ShardError, FloatingPointError, OSError) as e:
-            log(f"stopped: {e}", console=False)
-            outcome = str(e)
-        except torch.OutOfMemoryError:
-            log("stopped: out of GPU memory", console=False)
-            outcome = (f"--device_batch_size={args.device_batch_size} does not fit in {device_name(device)}'s "
-                       f"memory: use --device_batch_size=auto or a smaller divisor")
-        except KeyboardInterrupt:
-            log(f"stopped: interrupted by a second Ctrl-C after step {run.last_step}, no checkpoint")
-            outcome = 130
-        finally:
-            log(summary_line(run.final_val_loss, run.clock, device, world_size))
-            if log.file:
-                log.file.close()
-            del run  # DDP holds the process group: freed at exit, gloo aborted 5 of 150 two-rank runs (0 of 150 so)
-            gc.collect()
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    return outcome if isinstance(outcome, int) else fail(outcome)
+        with stop:
+            return run(argv, stop)
+    except (TrainError, FloatingPointError) as e:
+        rank = int(os.environ.get("RANK", 0))
+        raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
+    except torch.OutOfMemoryError:
+        raise SystemExit("train_gpt2.py: out of GPU memory: use --device_batch_size=auto or a smaller divisor") from None
+    except Interrupted as e:
+        print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

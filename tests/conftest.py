@@ -6,11 +6,16 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data.shards import write_shard  # noqa: E402
+
+# The tiny models' ops are too small to split: a second thread only spins against the other processes of a test.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 TINY_VOCAB = 256
 # A tiny model on the recipe's code path: 2 blocks, width 64, 2 heads of 32, sequences of 32 tokens.

@@ -84,8 +84,8 @@ def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tm
 def test_resume_latest_takes_the_newest_checkpoint(shards, tmp_path, uninterrupted, capsys):
     newest = sorted(glob.glob(f"{tmp_path}/checkpoints/run/*.pt"), key=os.path.getmtime)[-1]
     assert newest.endswith("-step000020.pt")  # the final one
-    record = run_in_process([shards[3], "--resume=latest"], tmp_path / "latest")
-    assert f"resumed_from: {newest} at step 20" in record
+    record = run_in_process([shards[3], "--resume=latest", "--num_iterations=22"], tmp_path / "latest")
+    assert f"resumed_from: {newest} at step 20" in record and "step:22/22 val_loss:" in record
 
 
 def test_checkpoints_are_atomic_and_only_the_newest_are_kept(shards, tmp_path, capsys):
