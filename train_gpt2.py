@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,35 +34,30 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
-
 
 class TrainError(Exception):
     """Bad input the user can fix: main() turns it into one line on stderr and exit status 1."""
 
-
 class ConfigError(TrainError, ValueError):
     """A flag or a combination of flags that cannot run."""
-
 
 POSITIVE = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
-
 def knob(default, help, rule=None):
     """A Hyperparameters field: its default, its --help text, and the (test, reason) its value must pass."""
     return field(default=default, metadata=dict(help=help, rule=rule))
-
 
 @dataclass
 class Hyperparameters:
     input_bin: str = knob("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
     input_val_bin: str = knob("data/fineweb10B/fineweb_val_*.bin", "glob of validation shards (the first is used)")
     batch_size: int = knob(512, "sequences per optimizer step, over all devices and micro-steps", POSITIVE)
-    device_batch_size: int | None = knob(None, "sequences per device per micro-step; auto = the most that fits, "
-                                               "up to 64", POSITIVE)
+    device_batch_size: int | None = knob(None, "sequences per device per micro-step; auto: most that fit, <= 64", POSITIVE)
     seq_len: int = knob(1024, "tokens per sequence", POSITIVE)
     num_iterations: int = knob(3242, "optimizer steps", POSITIVE)
     warmdown_iters: int = knob(926, "last steps over which every learning rate decays linearly to 0", NON_NEGATIVE)
@@ -72,8 +68,7 @@ class Hyperparameters:
     adam_beta2: float = knob(0.95, "Adam beta2, all Adam groups", FRACTION)
     muon_lr: float = knob(0.02, "Muon lr of the 2-D block matrices", POSITIVE)
     muon_momentum: float = knob(0.95, "Muon Nesterov momentum after warmup", FRACTION)
-    muon_momentum_start: float = knob(0.85, "Muon momentum at step 0, warmed up linearly (recipe: -0.013 val loss)",
-                                      FRACTION)
+    muon_momentum_start: float = knob(0.85, "Muon momentum at step 0, warmed up linearly (-0.013 val loss)", FRACTION)
     muon_momentum_warmup_steps: int = knob(500, "steps of the Muon momentum warmup", NON_NEGATIVE)
     muon_ns_steps: int = knob(5, "Newton-Schulz iterations per Muon update", POSITIVE)
     vocab_size: int = knob(50304, "GPT-2's 50257 padded to a multiple of 128 for fast matmuls", POSITIVE)
@@ -83,27 +78,23 @@ class Hyperparameters:
     mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE)
     rope_base: float = knob(10000.0, "rotary embedding base", POSITIVE)
     logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", POSITIVE)
-    val_loss_every: int = knob(125, "validate every this many steps (and at step 0 and the end); 0 = only at the end",
-                               NON_NEGATIVE)
+    val_loss_every: int = knob(125, "validate every this many steps, at step 0 and at the end; 0: the end", NON_NEGATIVE)
     val_tokens: int = knob(10485760, "validation tokens, from the start of the val shard", POSITIVE)
     untimed_steps: int = knob(10, "first steps left out of train_time (compilation, warmup)", NON_NEGATIVE)
     seed: int = knob(0, "seed of weight init")
-    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu",
-                       (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu"))
+    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu", (lambda v: v in ("auto", "cuda", "cpu"),
+                                                                                "must be auto, cuda or cpu"))
     compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU")
-    run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/",
-                         (lambda v: re.fullmatch(r"\w[\w.-]*", v), "may hold letters, digits, '.', '_', '-' only, "
-                                                                       "and starts with a letter or digit"))
+    run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/", (lambda v: re.fullmatch(
+        r"\w[\w.-]*", v), "takes letters, digits, '.', '_' and '-', and starts with a letter or digit"))
     records_dir: str = knob("records", "where run logs are written")
     checkpoint_dir: str = knob("checkpoints", "where checkpoints are written (outside records/: they are large)")
     save_every: int = knob(0, "checkpoint every this many steps; 0 = off", NON_NEGATIVE)
     save_every_minutes: float = knob(30.0, "checkpoint every this many minutes of wall time; 0 = off", NON_NEGATIVE)
     keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE)
     resume: str = knob("", "checkpoint to continue from: a path, or latest (the newest of this run_name)")
-    memory_limit_gb: float = knob(0.0, "cap this process's GPU memory, to rehearse a smaller card; 0 = no cap",
-                                  NON_NEGATIVE)
-    progress_seconds: float = knob(10.0, "console progress line (steps/s, tokens/s, ETA) this often; 0 = off",
-                                   NON_NEGATIVE)
+    memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card; 0 = no cap", NON_NEGATIVE)
+    progress_seconds: float = knob(10.0, "console progress line (steps/s, tokens/s, ETA) this often; 0 = off", NON_NEGATIVE)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -131,31 +122,23 @@ class Hyperparameters:
     def as_flags(self):
         return [f"--{f.name}={flag_text(getattr(self, f.name))}" for f in dataclasses.fields(self)]
 
-
 def flag_text(value):
     return "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
 
 def flag_type(kind):
     """argparse's converter for a field type; `T | None` also takes auto (None: decided at start-up)."""
     base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))
 
     def convert(text):
-        if text == "auto" and base is not kind:
-            return None
-        if base is bool and text.lower() in ("true", "false"):
-            return text.lower() == "true"
-        if base is bool:
+        if base is bool and text.lower() not in ("true", "false", "auto"):
             raise ValueError(text)
-        return base(text)
+        return None if text == "auto" and base is not kind else text.lower() == "true" if base is bool else base(text)
     convert.__name__ = base.__name__ + (" or auto" if base is not kind else "")  # argparse names it in errors
     return convert
-
 
 class FlagParser(argparse.ArgumentParser):
     def error(self, message):  # one line, raised, instead of usage text and sys.exit(2)
         raise ConfigError(f"{message} (see --help)")
-
 
 def flag_parser():
     parser = FlagParser(prog="train_gpt2.py", usage="%(prog)s [--name value | --name=value ...]", allow_abbrev=False,
@@ -168,15 +151,12 @@ def flag_parser():
                             help=f"{f.metadata['help']} (default: {flag_text(f.default)})")
     return parser
 
-
 def parse_flags(argv):
     """The flags given on the command line, as {name: typed value}; anything unknown is a ConfigError."""
     return vars(flag_parser().parse_args(argv))
 
-
 def parse_args(argv):
     return Hyperparameters(**parse_flags(argv))
-
 
 MACHINE_FIELDS = ("device_batch_size", "device", "compile", "resume", "memory_limit_gb")  # not inherited on resume
 SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio")  # a checkpoint fixes these
@@ -186,7 +166,6 @@ SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio
 # Optimizer: Muon for the 2-D block matrices (Adam, from torch, for the rest)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic tuned to push all singular values into ~[0.7, 1.2] fast (Muon)
-
 
 def newton_schulz_orthogonalize(grad, steps, dtype):
     """Approximate U V^T of grad = U S V^T: the nearest semi-orthogonal matrix, by a quintic iteration."""
@@ -200,7 +179,6 @@ def newton_schulz_orthogonalize(grad, steps, dtype):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if tall else x
-
 
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose update is orthogonalized by Newton-Schulz (Jordan et al., 2024).
@@ -264,10 +242,8 @@ class Muon(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------------------------
 # Model
 
-
 def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))  # weightless: no gain parameter anywhere
-
 
 class CastedLinear(nn.Linear):
     """Bias-free linear whose fp32 master weight is cast to the activation dtype inside the matmul."""
@@ -278,18 +254,15 @@ class CastedLinear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-
 def rotary_cos_sin(seq_len, head_dim, base, dtype, device):
     """cos and sin of the rotary angles, computed in fp32 (no buffer a dtype cast could reach), then cast."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)[None, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
-
 def apply_rotary(x, cos, sin):  # x: (batch, seq, heads, head_dim); rotates the two halves of head_dim
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim, num_heads):
@@ -309,7 +282,6 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, dim)), v1
 
-
 class MLP(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
@@ -317,7 +289,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down(F.relu(self.up(x)).square())  # ReLU^2 (So et al., 2021, Primer)
-
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio):
@@ -331,7 +302,6 @@ class Block(nn.Module):
         y, v1 = self.attn(rms_norm(x), v1, rotary)
         x = x + y
         return x + self.mlp(rms_norm(x)), v1
-
 
 class GPT(nn.Module):
     def __init__(self, vocab_size, num_layers, model_dim, num_heads, mlp_ratio, rope_base, logit_softcap):
@@ -373,11 +343,9 @@ class GPT(nn.Module):
             return logits.float()
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
-
 def compute_dtype(device):
     """The one precision switch: bf16 on CUDA (the recipe's casts), fp32 on CPU (bf16 is 25-75x slower there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
 
 def cast_model(model, dtype):
     """bf16 embedding and scalars; linears keep fp32 master weights and cast in the matmul (154.8 -> 144.7 ms/step)."""
@@ -387,13 +355,10 @@ def cast_model(model, dtype):
             module.float()
     return model
 
-
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # the 8 Nov record's setting: tunes each kernel's launch
-
 
 def compile_model(model):
     return torch.compile(model, dynamic=False, options=INDUCTOR_OPTIONS)  # static shapes: one graph per size
-
 
 def build_optimizers(model, args, rank, world_size, device):
     """Adam for embedding, head and scalars; Muon for every 2-D matrix inside the blocks. No weight decay."""
@@ -419,10 +384,8 @@ def build_optimizers(model, args, rank, world_size, device):
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 
-
 class ShardError(TrainError, ValueError):
     """A missing, corrupt or too small token shard."""
-
 
 def read_shard(path):
     """The tokens of one shard as a read-only uint16 memmap, after checking its header against its size."""
@@ -441,7 +404,6 @@ def read_shard(path):
         raise ShardError(f"{path}: header says {num_tokens} tokens ({HEADER_BYTES + 2 * num_tokens} bytes) but the "
                          f"file has {size} bytes: truncated or corrupt, download or tokenize it again")
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
-
 
 class ShardLoader:
     """Streams the shards matching `pattern` as one token sequence, one global batch per step.
@@ -511,7 +473,6 @@ class ShardLoader:
 # ----------------------------------------------------------------------------------------------
 # Distributed setup
 
-
 def setup_distributed(device_choice):
     """(rank, world_size, device) from torchrun's environment; a plain `python` run is a world of one."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -530,7 +491,6 @@ def setup_distributed(device_choice):
                                 device_id=device if use_cuda else None)
     return rank, world_size, device
 
-
 def all_reduce_sum(value, world_size):
     if world_size > 1:
         dist.all_reduce(value)  # SUM: gloo has no AVG
@@ -540,17 +500,14 @@ def all_reduce_sum(value, world_size):
 # ----------------------------------------------------------------------------------------------
 # Logging: the speedrun record format
 
-
 class OutputError(TrainError):
     """A record or checkpoint that cannot be written: full disk, read-only folder."""
-
 
 def output_error(path, error):
     if error.errno == errno.ENOSPC:
         return OutputError(f"the disk holding {os.path.dirname(path) or '.'} is full: free space there, or point "
                            f"--records_dir / --checkpoint_dir at another disk")
     return OutputError(f"cannot write {path}: {error.strerror or error}")
-
 
 class RunLog:
     """Prints on rank 0 and appends whole lines to a new record file; other ranks stay silent. A line the disk
@@ -583,7 +540,6 @@ class RunLog:
         if self.fd is not None:
             os.close(self.fd)
 
-
 def environment_lines(device):
     lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
     if device.type != "cuda":
@@ -593,7 +549,6 @@ def environment_lines(device):
     except (OSError, subprocess.SubprocessError) as e:
         return lines + [f"nvidia-smi unavailable: {e}"]
 
-
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -601,10 +556,8 @@ def cpu_name():
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
-
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name()}"
-
 
 def peak_memory_mib(device):
     if device.type == "cuda":
@@ -612,17 +565,14 @@ def peak_memory_mib(device):
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
 
-
 def step_line(step, num_iterations, kind, loss, clock):
     return f"step:{step}/{num_iterations} {kind}:{loss:.4f} {clock}"
-
 
 def progress_line(step, args, train_loss, steps_per_s, clock):
     return (f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s "
             f"{steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
             f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
             f"{timedelta(seconds=round((args.num_iterations - step) / steps_per_s))}")
-
 
 def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes):
     """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
@@ -636,7 +586,6 @@ def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes)
     log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
         f"{args.device_batch_size} x {accum_steps} micro-steps)", record=False)
     return log
-
 
 class Clock:
     """Device-synchronized train time; validation, checkpoints and the untimed warmup steps are left out."""
@@ -676,10 +625,8 @@ class Clock:
 
 CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
 
-
 class CheckpointError(TrainError, ValueError):
     """A checkpoint that is missing, unreadable, or of another model."""
-
 
 def load_checkpoint(path):
     """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
@@ -693,7 +640,6 @@ def load_checkpoint(path):
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
     return checkpoint
-
 
 def resolve_args(argv):
     """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under the given flags."""
@@ -721,7 +667,6 @@ def resolve_args(argv):
                               f"--num_iterations={args.num_iterations}; raise it to continue")
     return args, checkpoint
 
-
 def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, record):
     """Everything a resumed run needs, written atomically (temp file, then rename); rank 0 writes."""
     state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(args), step=step,
@@ -734,12 +679,11 @@ def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, re
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # never a half-written file under the final name
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as some RuntimeError of its own
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**20
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "write failed" in str(e) or "No space" in str(e)
         raise output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e))) from None
-
 
 def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
     """Load a checkpoint into a freshly built run; returns (step to continue from, the clock to go on with)."""
@@ -757,11 +701,10 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
     train_loader.seek(**data)
     return step, Clock(train_loader.device, train_ms, timed_steps)
 
-
 class StopRequest:
     """SIGINT/SIGTERM: before training, stop at once; during it, checkpoint and stop at the next step
     boundary (a Ctrl-C more than 5 s later aborts at once: torchrun's forwarded copy of the first is
-    not a second); after it, exit at once without a traceback."""
+    not a second); once the record is closed, exit at once without a traceback."""
 
     def __init__(self):
         self.signal, self.since, self.previous, self.phase = None, 0.0, {}, "start-up"
@@ -776,8 +719,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if self.phase == "finishing":
+            return  # the record's last lines take milliseconds: torchrun's SIGTERM to the other ranks waits for them
         if self.phase == "shutdown":
-            os._exit(128 + signum)  # the record's lines are whole already: nothing is lost
+            os._exit(128 + signum)  # the record is closed: nothing is lost
         if self.phase == "start-up":
             raise Interrupted(signum, "during start-up, before the first step: nothing to save")
         if self.signal is None:
@@ -785,8 +730,9 @@ class StopRequest:
         elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
             raise Interrupted(signum, "by a second Ctrl-C: no checkpoint")
 
-
 class Interrupted(Exception):
+    """A signal that ends the run where it is: exit status 128 + its number."""
+
     def __init__(self, signum, why):
         super().__init__(f"{signal.Signals(signum).name} {why}")
         self.exit_code = 128 + signum
@@ -795,16 +741,13 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
-
 def lr_multiplier(step, args):
     """Constant, then linear decay to 0 over the last warmdown_iters steps."""
     return min(1.0, (args.num_iterations - step) / args.warmdown_iters) if args.warmdown_iters else 1.0
 
-
 def muon_momentum(step, args):
     frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
-
 
 def probe_fits(model, args, size, device):
     """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states.
@@ -826,7 +769,6 @@ def probe_fits(model, args, size, device):
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
 
-
 def choose_device_batch_size(model, args, world_size, device, fits=None):
     """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
     all ranks take the smallest choice. On a CPU nothing is probed unless `fits` is given (tests)."""
@@ -847,7 +789,6 @@ def choose_device_batch_size(model, args, world_size, device, fits=None):
     larger = [size for size in candidates if size > chosen]
     return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}"
 
-
 @torch.no_grad()
 def evaluate(model, val_loader, args, accum_steps, world_size):
     """Mean loss over exactly the first val_tokens tokens of the val shard, averaged over all ranks."""
@@ -862,7 +803,6 @@ def evaluate(model, val_loader, args, accum_steps, world_size):
     model.train()
     return (all_reduce_sum(total, world_size) / (count * world_size)).item()
 
-
 @contextmanager
 def attention_backends(device):
     """cuDNN attention first on Hopper (the record's choice, faster than flash there), PyTorch's other kernels
@@ -873,7 +813,6 @@ def attention_backends(device):
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(order, set_priority=True):
         yield "attention: cuDNN SDPA first (Hopper), then flash, memory-efficient, math"
-
 
 def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, accum_steps, start_step, clock, log,
           checkpoint_path, stop, progress):
@@ -938,7 +877,6 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
             log(progress_line(step + 1, args, train_loss, rate, clock), record=False)
             progress_at, progress_step = time.monotonic(), step + 1
 
-
 def prune_checkpoints(saved, keep):
     """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
     for path in saved[:-keep]:
@@ -949,7 +887,6 @@ def prune_checkpoints(saved, keep):
 
 # ----------------------------------------------------------------------------------------------
 # main
-
 
 def build_run(args, rank, world_size, device, checkpoint):
     """Loaders, model, optimizers and the wrapped model, all before the record opens, so bad input fails in one
@@ -987,7 +924,6 @@ def build_run(args, rank, world_size, device, checkpoint):
         compiled, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return (model, ddp, adam, muon, train_loader, val_loader), start_step, clock, notes
 
-
 def prepare_outputs(args, now):
     """The record and checkpoint folders, created and proven writable before anything slow starts."""
     folders = dict(records_dir=os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}"),
@@ -1001,7 +937,6 @@ def prepare_outputs(args, now):
     stale = glob.glob(os.path.join(folders["checkpoint_dir"], "*.pt.tmp"))
     return [f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was writing when "
             f"it was killed: delete it" for path in stale]
-
 
 def run(argv, stop):
     """One training run; returns the exit status, or raises what ended it."""
@@ -1032,14 +967,14 @@ def run(argv, stop):
             stopped = first_failure(stop_reason(e, args, device, progress), rank, world_size)
             error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
         finally:
-            stop.phase = "shutdown"
+            stop.phase = "finishing"
             finish_record(log, stopped, progress, clock, device, world_size)
+            stop.phase = "shutdown"
             del parts  # DDP holds the process group: freed at exit, gloo aborted 5 of 150 two-rank runs (0 of 150 so)
             gc.collect()
     if error or log.error:
         raise error or log.error
     return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
-
 
 def stop_reason(error, args, device, progress):
     if isinstance(error, torch.OutOfMemoryError):
@@ -1048,7 +983,6 @@ def stop_reason(error, args, device, progress):
     if isinstance(error, Interrupted):
         return f"{error} after step {progress['step']}"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
-
 
 def first_failure(reason, rank, world_size):
     """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
@@ -1061,7 +995,6 @@ def first_failure(reason, rank, world_size):
     except Exception:  # the store went with the failing rank's node: say what this rank saw
         return f"rank {rank} failed: {reason}"
 
-
 def finish_record(log, stopped, progress, clock, device, world_size):
     """The record's last lines, `stopped:` and `summary:`; on the console too when the disk refused them."""
     lines = ([f"stopped: {stopped}"] if stopped else []) + [
@@ -1073,7 +1006,6 @@ def finish_record(log, stopped, progress, clock, device, world_size):
         if log.error is not error:
             print(line, flush=True)
     log.close()
-
 
 def main(argv):
     """Exit status 0 on success; a project error ends in one line on stderr, a signal in 128 + its number."""
@@ -1092,7 +1024,6 @@ def main(argv):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
