@@ -6,15 +6,15 @@
 huggingface_hub does the transfer (progress bars, retries, resuming an interrupted file).
 Shards already present and valid are not fetched again (no request is made for them);
 every shard is checked (magic, version, size against the header's token count), and a bad
-one is named, removed and fetched again.
+one is named, removed and fetched again. An unreachable hub ends the run within seconds.
 """
 import argparse
 import errno
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data.flags import FlagParser  # noqa: E402
 from data.shards import check_shard  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -36,8 +36,7 @@ def hub_error(e, what, repo_id):
     if constants.is_offline_mode():
         return f"cannot download {what}: HF_HUB_OFFLINE is set; unset it and run again"
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
-        return (f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to get {what} (no network?): "
-                "check the internet connection (or set HF_ENDPOINT to a mirror) and run again")
+        return unreachable(what)
     if isinstance(e, RepositoryNotFoundError):
         return (f"dataset repo {repo_id} was not found on the hub: check its name, "
                 "or log in with `hf auth login` if it is private or gated")
@@ -49,6 +48,23 @@ def hub_error(e, what, repo_id):
         return f"disk full while downloading {what}: free some space (each shard is ~200 MB) and run again"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return f"could not download {what} from {repo_id}: {first}; run again, or check the hub's status"
+
+
+def unreachable(what, endpoint=None):
+    from huggingface_hub import constants
+    return (f"cannot reach the Hugging Face hub at {endpoint or constants.ENDPOINT} to get {what} (no network?): "
+            "check the internet connection (or set HF_ENDPOINT to a mirror) and run again")
+
+
+def reach_hub(what, endpoint=None):
+    """Exit in one line when the hub cannot be reached: huggingface_hub would retry for ~24 s, 12 warnings long."""
+    from huggingface_hub import constants, get_session
+    if constants.is_offline_mode():
+        return  # the download then fails at once, and hub_error names HF_HUB_OFFLINE
+    try:
+        get_session().head(endpoint or constants.ENDPOINT, timeout=5)  # any HTTP answer, even an error, will do
+    except Exception:  # noqa: BLE001 -- DNS, refused, timeout, proxy or TLS failure: all mean unreachable
+        raise SystemExit(unreachable(what, endpoint)) from None
 
 
 def _valid(path):
@@ -76,6 +92,7 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
     if not todo:
         print(f"all {len(paths)} shards of {dataset} are present and valid in {local_dir}")
         return paths
+    reach_hub(todo[0].name, endpoint)
     try:
         local_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -96,7 +113,7 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("n", nargs="?", type=int, default=RECORD_SHARDS, metavar="N",
                    help=f"number of train shards of 100M tokens to fetch, besides the val shard (default "
                         f"{RECORD_SHARDS}:\nthe ~1.7B tokens the record run needs; 9 suffice for shorter runs; "
@@ -106,7 +123,11 @@ def main(argv=None):
     p.add_argument("--dir", default=None, help="where to put the shards (default data/<set>/, "
                                                 "where train_gpt2.py's default --input_bin looks for fineweb10B)")
     args = p.parse_args(argv)
-    fetch(args.n, args.dataset, args.dir)
+    try:
+        fetch(args.n, args.dataset, args.dir)
+    except KeyboardInterrupt:
+        print("cached_fineweb10B.py: interrupted; run it again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -9,19 +9,25 @@ file), .jsonl (one JSON object with a "text" field per line) or .parquet (a "tex
 Each document becomes <|endoftext|> followed by its tokens (tiktoken gpt2, encode_ordinary),
 tokenized on all CPU cores. The token stream is cut every --shard_size tokens into
 <name>_val_000000.bin (the validation shard), then <name>_train_000001.bin, ...; the last
-shard holds the remainder. Each shard is written atomically (temporary file, then rename).
+shard holds the remainder. Shards are written into <out_dir>/<name>.tmp/ and move into
+<out_dir> only once all are complete, so a failed or interrupted run changes no shard there
+(with --overwrite, the old shards stay until the new ones replace them). The next run removes
+what a killed run left behind.
 """
 import argparse
 import glob
 import json
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data.flags import FlagParser, at_least  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -35,6 +41,7 @@ _enc = None
 def _init_worker():
     global _enc
     import tiktoken
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops the run
     _enc = tiktoken.get_encoding("gpt2")  # the parent seeded the cache (data/gpt2_vocab.py)
 
 
@@ -109,8 +116,9 @@ def fineweb_texts(version, endpoint=None):
     """Documents of FineWeb's sample-<version>T config, file by file (files are kept in the HF cache)."""
     from huggingface_hub import HfApi, hf_hub_download
 
-    from data.cached_fineweb10B import hub_error
+    from data.cached_fineweb10B import hub_error, reach_hub
     folder = f"sample/{version}T"
+    reach_hub(f"the file list of {folder}", endpoint)
     try:
         files = sorted(f.path for f in HfApi(endpoint=endpoint).list_repo_tree(FINEWEB, folder, repo_type="dataset")
                        if f.path.endswith(".parquet"))
@@ -152,7 +160,7 @@ class ShardWriter:
             path = self.out_dir / f"{self.name}_{'val' if i == 0 else 'train'}_{i:06d}.bin"
             write_shard(path, self.buf[:self.n])
             self.written.append((path, self.n))
-            print(f"wrote {path} ({self.n:,} tokens)", file=sys.stderr, flush=True)
+            print(f"wrote {path.name} ({self.n:,} tokens)", file=sys.stderr, flush=True)
             self.n = 0
 
 
@@ -177,8 +185,34 @@ def tokenize_to_shards(texts, out_dir, name, shard_size, workers):
     return writer.written
 
 
+def shard_paths(out_dir, name):
+    return sorted(glob.glob(str(out_dir / f"{glob.escape(name)}_val_*.bin")) +
+                  glob.glob(str(out_dir / f"{glob.escape(name)}_train_*.bin")))
+
+
+def remove_leftovers(out_dir, name):
+    """Delete what a killed run left in out_dir: its staging folder and half-written shards (gigabytes at full size)."""
+    for path in [out_dir / f"{name}.tmp"] + sorted(out_dir.glob(f"{glob.escape(name)}_*.bin.tmp")):
+        if path.exists():
+            print(f"removing {path}, left by an interrupted run", file=sys.stderr)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def replace_shards(written, out_dir, name):
+    """Move the complete new shards from the staging folder into out_dir, then drop old shards they did not replace."""
+    new = [out_dir / path.name for path, _ in written]
+    for (path, _), dest in zip(written, new):
+        os.replace(path, dest)
+    for path in set(map(Path, shard_paths(out_dir, name))) - set(new):
+        path.unlink()
+    return new
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults: FineWeb sample-10BT.",
+    p = FlagParser(description=__doc__.split("\n\n")[0] + " Defaults: FineWeb sample-10BT.",
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help="local .txt/.jsonl/.parquet files, folders or globs (default: FineWeb from the hub)")
@@ -186,12 +220,11 @@ def main(argv=None):
                    help="FineWeb config sample-10BT or sample-100BT (without --input)")
     p.add_argument("--name", default="fineweb", help="shard file prefix (default fineweb)")
     p.add_argument("--out_dir", help="output folder (default data/fineweb<version>, or data/<name> with --input)")
-    p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default 10^8)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--shard_size", type=at_least(1), default=10**8, help="tokens per shard (default 10^8)")
+    p.add_argument("--workers", type=at_least(1), default=os.cpu_count(),
+                   help="tokenizer processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace existing <name>_*.bin shards in the folder")
     args = p.parse_args(argv)
-    if args.shard_size < 1 or args.workers < 1:
-        raise SystemExit("--shard_size and --workers must be at least 1")
     if args.input:
         texts = local_texts(local_files(args.input))
         out_dir = Path(args.out_dir or HERE / args.name)
@@ -199,31 +232,36 @@ def main(argv=None):
         texts = fineweb_texts(args.version)
         out_dir = Path(args.out_dir or HERE / f"fineweb{args.version}")
 
-    old = sorted(glob.glob(str(out_dir / f"{glob.escape(args.name)}_val_*.bin")) +
-                 glob.glob(str(out_dir / f"{glob.escape(args.name)}_train_*.bin")))
-    if old and not args.overwrite:
-        raise SystemExit(f"{out_dir} already has {len(old)} {args.name}_*.bin shards: "
-                         "pass --overwrite to replace them, or choose another --name or --out_dir")
+    stage = out_dir / f"{args.name}.tmp"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for f in old:
-            os.remove(f)
+        remove_leftovers(out_dir, args.name)
+        old = shard_paths(out_dir, args.name)
+        if old and not args.overwrite:
+            raise SystemExit(f"{out_dir} already has {len(old)} {args.name}_*.bin shards: "
+                             "pass --overwrite to replace them, or choose another --name or --out_dir")
+        stage.mkdir(parents=True)
     except OSError as e:
         raise SystemExit(f"cannot write to {out_dir}: {e.strerror}")
 
     from data.gpt2_vocab import ensure_gpt2
     try:
         ensure_gpt2()
+        written = tokenize_to_shards(texts, stage, args.name, args.shard_size, args.workers)
+        if not written:
+            raise SystemExit("no documents found in the input")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here on only renames: Ctrl-C must not split the set
+        paths = replace_shards(written, out_dir, args.name)
     except RuntimeError as e:
         raise SystemExit(str(e))
-    try:
-        written = tokenize_to_shards(texts, out_dir, args.name, args.shard_size, args.workers)
     except OSError as e:
         raise SystemExit(f"cannot write shards to {out_dir}: {e.strerror}")
-    if not written:
-        raise SystemExit("no documents found in the input")
+    except KeyboardInterrupt:
+        print(f"fineweb.py: interrupted; no shard in {out_dir} was changed", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     total = sum(n for _, n in written)
-    print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
+    print(f"done: {len(paths)} shards, {total:,} tokens in {out_dir}")
     if len(written) == 1:
         print(f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
               file=sys.stderr)

@@ -4,6 +4,7 @@ Header: 256 int32 (1024 bytes): [0] magic 20240520, [1] version 1, [2] token cou
 then that many uint16 token ids. tests/test_loader.py round-trips this writer through
 the trainer's reader, so the two cannot drift apart.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -12,16 +13,23 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 
 
 def write_shard(path, tokens):
-    """Write `tokens` (any int sequence, each < 2**16) to `path` atomically (temp file, then rename)."""
+    """Write `tokens` (any int sequence, each < 2**16) to `path` atomically (temp file, then rename).
+
+    A failure (full disk, Ctrl-C) removes the temp file; only a killed process leaves `<path>.tmp`."""
     tokens = np.asarray(tokens)
     assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)), "token ids must fit uint16"
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def check_shard(path):

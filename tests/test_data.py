@@ -8,9 +8,11 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -71,7 +73,7 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _answer(self, body):
         hub = self.server
         path = unquote(urlsplit(self.path).path)
-        if path == "/api/agent-harnesses":  # huggingface_hub's own best-effort telemetry: not a data request
+        if path in ("/api/agent-harnesses", "/"):  # huggingface_hub's telemetry, our reachability probe: not data
             return self._send(404, {}, b"", body)
         hub.log.append((self.command, self.path))
         tree = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/[^/]+/?(.*)", path)
@@ -106,13 +108,13 @@ def hub():
 
 
 def run(script, args, tmp_path, hub=None, **env):
-    """Run a data/ script as a user would; returns (returncode, stdout, stderr)."""
+    """Run a data/ script as a user would, from tmp_path; returns (returncode, stdout, stderr)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
     if hub is not None:
         e["HF_ENDPOINT"] = hub.url
     r = subprocess.run([sys.executable, str(ROOT / "data" / script), *map(str, args)],
-                       capture_output=True, text=True, env=e, timeout=120)
+                       capture_output=True, text=True, env=e, timeout=120, cwd=tmp_path)
     return r.returncode, r.stdout, r.stderr
 
 
@@ -126,6 +128,13 @@ def assert_one_line_error(rc, err, *words):
 
 
 # --- check_shard ---------------------------------------------------------------------------------
+
+def test_write_shard_leaves_no_temp_file_when_it_fails(tmp_path):
+    (tmp_path / "taken.bin").mkdir()  # the rename onto a folder fails after the data is written
+    with pytest.raises(OSError):
+        write_shard(tmp_path / "taken.bin", [1, 2, 3])
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.bin"]
+
 
 def test_check_shard_accepts_a_good_shard_and_names_each_problem(tmp_path):
     good = tmp_path / "good.bin"
@@ -166,6 +175,7 @@ def test_download_fetches_skips_and_refetches(hub, tmp_path):
     assert sorted(p.name for p in out.glob("*.bin")) == sorted(names)
     for name in names:
         assert (out / name).read_bytes() == files[name]
+    assert not (tmp_path / ".cache").exists()  # the working folder stays clean
     assert {p for m, p in hub.log if m == "GET"} == {f"/datasets/kjj0/fineweb10B-gpt2/resolve/main/{n}" for n in names}
 
     hub.log.clear()  # second run: everything present and valid, so not a single request
@@ -207,7 +217,32 @@ def test_download_removes_a_bad_file_from_the_hub(hub, tmp_path):
     assert not (out / "fineweb_train_000001.bin").exists()
 
 
-def test_download_offline_and_disk_full_messages(tmp_path, monkeypatch):
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
+    """Both hub clients, against a hub that cannot be reached: one line within seconds, no files left, old shards kept."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    rc, stdout, err = run("cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_ENDPOINT=endpoint)
+    assert time.monotonic() - start < 10  # huggingface_hub alone retried for 24 s
+    assert_one_line_error(rc, err, endpoint, "fineweb_val_000000.bin")
+    assert err.count("\n") == 1 and stdout == ""
+    assert list(tmp_path.iterdir()) == []  # no data folder, no .cache, no HF_HOME
+
+    out = tmp_path / "fineweb10B"
+    out.mkdir()
+    write_shard(out / "fineweb_val_000000.bin", [1, 2, 3])
+    rc, _, err = run("fineweb.py", ["--out_dir", out, "--overwrite"], tmp_path, HF_ENDPOINT=endpoint)
+    assert_one_line_error(rc, err, endpoint)
+    assert [p.name for p in tmp_path.rglob("*")] == ["fineweb10B", "fineweb_val_000000.bin"]
+    assert check_shard(out / "fineweb_val_000000.bin") == 3
+
+
+def test_download_offline_and_disk_full_messages(hub, tmp_path, monkeypatch):
     rc, _, err = run("cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_HUB_OFFLINE="1")
     assert_one_line_error(rc, err, "fineweb_val_000000.bin", "HF_HUB_OFFLINE")
 
@@ -217,7 +252,7 @@ def test_download_offline_and_disk_full_messages(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr("huggingface_hub.hf_hub_download", disk_full)
     with pytest.raises(SystemExit, match="disk full while downloading fineweb_val_000000.bin: free"):
-        cached_fineweb10B.fetch(1, local_dir=tmp_path / "d")
+        cached_fineweb10B.fetch(1, local_dir=tmp_path / "d", endpoint=hub.url)
 
 
 # --- the GPT-2 vocabulary and the tokenizer ------------------------------------------------------
@@ -333,3 +368,39 @@ def test_tokenize_fineweb_config_from_the_hub(gpt2, hub, tmp_path):
 
     rc, _, err = run("fineweb.py", ["--out_dir", tmp_path / "o"], tmp_path, HF_HUB_OFFLINE="1")
     assert_one_line_error(rc, err, "HF_HUB_OFFLINE")
+
+
+def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    docs = [f"Document {i} of the first corpus." for i in range(40)]
+    (src / "old.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    rc, _, err = run("fineweb.py", ["--input", src / "old.jsonl", "--name", "mine", "--out_dir", out,
+                                    "--shard_size", 64, "--workers", 1], tmp_path)
+    assert rc == 0, err
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(old) > 3
+
+    # what a killed run leaves: its staging folder and a half-written shard
+    (out / "mine.tmp").mkdir()
+    (out / "mine.tmp" / "mine_train_000002.bin.tmp").write_bytes(b"\0" * 4096)
+    (out / "mine_train_000007.bin.tmp").write_bytes(b"\0" * 4096)
+    # an input that fails after 300 documents: far enough for several new shards to be written first
+    lines = [json.dumps({"text": f"New document {i}."}) for i in range(300)] + ["not json"]
+    (src / "bad.jsonl").write_text("\n".join(lines))
+    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
+                                    "--shard_size", 64, "--workers", 1, "--overwrite"], tmp_path)
+    assert_one_line_error(rc, err, "bad.jsonl:301")
+    assert "mine_train_000002.bin" in err  # new shards were complete before the input failed...
+    assert "mine.tmp" in err and "mine_train_000007.bin.tmp" in err  # ...and the leftovers were named
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # yet the folder holds the old shards, only
+
+    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
+                                    "--shard_size", 10**4, "--overwrite"], tmp_path)
+    assert_one_line_error(rc, err, "bad.jsonl:301")
+    (src / "bad.jsonl").write_text("\n".join(lines[:3]))
+    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
+                                    "--shard_size", 10**4, "--overwrite"], tmp_path)
+    assert rc == 0, err
+    check_stream(gpt2, out, "mine", [f"New document {i}." for i in range(3)], 10**4)
+    assert [p.name for p in out.iterdir()] == ["mine_val_000000.bin"]  # the old train shards went with the old val
