@@ -71,7 +71,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature, top_k, generator, m
         if temperature == 0:
             token = int(torch.argmax(logits))
         else:
-            # the top logit becomes 0 and fp64 keeps any positive temperature > 0: no overflow, no 0/0
+            # top logit shifted to 0, in fp64: x/T <= 0 cannot overflow and 0/T stays 0 for any T > 0
+            # (fp32 logits / T gave inf below T = 8.8e-38 and 0/0 above 3.4e38: multinomial then failed)
             logits = (logits.double() - logits.max()) / temperature
             if top_k:
                 kth = torch.topk(logits, min(top_k, max_vocab)).values[-1]

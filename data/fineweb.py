@@ -208,7 +208,6 @@ def replace_shards(written, out_dir, name):
         os.replace(path, dest)
     for path in set(map(Path, shard_paths(out_dir, name))) - set(new):
         path.unlink()
-    return new
 
 
 def main(argv=None):
@@ -249,8 +248,9 @@ def main(argv=None):
         written = tokenize_to_shards(texts, stage, args.name, args.shard_size, args.workers)
         if not written:
             raise SystemExit("no documents found in the input")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # from here on only renames: Ctrl-C must not split the set
-        paths = replace_shards(written, out_dir, args.name)
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # only renames follow: Ctrl-C must not split the set
+        replace_shards(written, out_dir, args.name)
+        signal.signal(signal.SIGINT, handler)
     except RuntimeError as e:
         raise SystemExit(str(e))
     except OSError as e:
@@ -261,7 +261,7 @@ def main(argv=None):
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     total = sum(n for _, n in written)
-    print(f"done: {len(paths)} shards, {total:,} tokens in {out_dir}")
+    print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
     if len(written) == 1:
         print(f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
               file=sys.stderr)
