@@ -7,11 +7,12 @@ Machines drift (clocks, heat, neighbours), so a block of A runs then a block of 
 biased; in A B B A order a steady drift costs A and B alike. Every run is launched as run.sh
 would: torchrun over this machine's GPUs (NPROC_PER_NODE, else CUDA_VISIBLE_DEVICES, else
 nvidia-smi), or with --device=cpu one plain process (torchrun when NPROC_PER_NODE is set).
-Records go to <records_dir>/<date>_<NAME>_a/ and _b/; pair p runs with --seed=p-1 unless the
-flags set --seed. At the end: compare.py's report of A against B, each pair's train-time
-ratio B/A with their mean and its 95% confidence interval, and a one-sided paired t-test of
-"B is faster". Ctrl-C stops after the current run (a second one stops that run too) and
-compares what has finished.
+Runs start in the repository root, as with run.sh, so relative paths in the flags start
+there. Records go to <records_dir>/<date>_<NAME>_a/ and _b/; pair p runs with --seed=p-1
+unless the flags set --seed. At the end: compare.py's report of A against B, each pair's
+train-time ratio B/A with their mean and its 95% confidence interval, and a one-sided paired
+t-test of "B is faster". Ctrl-C stops after the current run (a second one stops that run
+too) and compares what has finished.
 """
 import argparse
 import glob

@@ -401,14 +401,14 @@ def fmt(x, spec=".4f", scale=1.0, unit=""):
     return f"{x * scale:{spec}}{unit}" if finite(x) else "-"
 
 
-def table(rows, md):
-    """Aligned text columns (the first two left-aligned), or a Markdown table."""
+def table(rows, md, left=2):
+    """Aligned text columns (the first `left` left-aligned, the numbers right-aligned), or a Markdown table."""
     if md:
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-        return "\n".join(cells[:1] + ["|" + "|".join(":--" if i < 2 else "--:" for i in range(len(rows[0]))) + "|"]
+        return "\n".join(cells[:1] + ["|" + "|".join(":--" if i < left else "--:" for i in range(len(rows[0]))) + "|"]
                          + cells[1:])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+    return "\n".join("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in
                                       enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
@@ -460,14 +460,14 @@ def render(rep, md=False):
                          fmt(r["target_step"], ".1f"), fmt(r["target_time_ms"], ".1f", 1e-3, "s")]
                         + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several)
     out.append(section("runs (step@ and time@ interpolated between val points)", table(rows, md), md))
-    rows = [["", "", "A: " + a["path"], "B: " + b["path"]]]
+    rows = [["", "A: " + a["path"], "B: " + b["path"]]]
     for key, label, spec, scale, unit in [("val_loss", "final val loss", ".4f", 1, ""),
                                           ("train_time_ms", "train time", ".1f", 1e-3, "s"),
                                           ("ms_per_step", "ms/step", ".2f", 1, ""),
                                           ("target_step", f"step@{tgt}", ".1f", 1, ""),
                                           ("target_time_ms", f"time@{tgt}", ".1f", 1e-3, "s")]:
-        rows.append([label, "", *(mean_std(s["stats"][key], spec, scale, unit) for s in (a, b))])
-    out.append(section("sides: mean ± std (n)", table(rows, md), md))
+        rows.append([label, *(mean_std(s["stats"][key], spec, scale, unit) for s in (a, b))])
+    out.append(section("sides: mean ± std (n)", table(rows, md, left=1), md))
     w = c["welch_val_loss"]
     lines = [f"train time B/A: {fmt(c['train_time_ratio'])}   ms/step B/A: {fmt(c['ms_per_step_ratio'])}",
              f"Welch t-test, final val loss B - A = {fmt(w['mean_diff'], '+.4f')}: "
@@ -506,8 +506,10 @@ def mean_curve(runs):
     import numpy as np
 
     at = val_by_step(runs)
-    losses = np.array([[v for v, _ in at[s]] for s in at]).reshape(len(at), -1)
-    times = np.array([[t for _, t in at[s]] for s in at]).reshape(len(at), -1) / 1000
+    if not at:
+        return (np.array([]),) * 5
+    losses = np.array([[v for v, _ in at[s]] for s in at])  # (steps, runs)
+    times = np.array([[t for _, t in at[s]] for s in at]) / 1000
     return np.array(list(at)), times.mean(1), losses.mean(1), losses.min(1), losses.max(1)
 
 
@@ -518,7 +520,8 @@ def check_plot_path(path):
     types = Figure().canvas.get_supported_filetypes()
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in types:
-        raise SystemExit(f"compare.py: --plot {path}: unknown image type '{ext}'; end the name in .png, .pdf or .svg")
+        kind = f"unknown image type .{ext}" if ext else "no image type"
+        raise SystemExit(f"compare.py: --plot {path}: {kind}; end the name in .png, .pdf or .svg")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise SystemExit(f"compare.py: --plot {path}: folder {folder} does not exist; create it or pick another path")

@@ -318,6 +318,8 @@ def test_mean_curve_and_band(tmp_path):
     assert high == pytest.approx(losses.max(1))
     assert times == pytest.approx([np.mean([(140 + i) * max(0, s - 10) / 1000 for i in range(3)]) for s in steps],
                                   abs=1e-3)
+    no_val = compare.parse_log(str(make_log(tmp_path / "train_only.txt", val=False)), 3.28)
+    assert all(len(x) == 0 for x in compare.mean_curve([no_val]))  # nothing to draw, and no error
 
 
 @pytest.mark.parametrize("case, kwargs, message", [
@@ -379,8 +381,9 @@ def test_target_must_be_a_finite_loss(sides):
 def test_unwritable_plot_is_refused_before_the_report(sides, tmp_path):
     """Issue 11, class 6: --plot into a missing folder or with an unknown image type fails before any report."""
     assert_one_line_error(cli(*sides, "--plot", tmp_path / "missing" / "c.png"), "--plot", "does not exist")
-    assert_one_line_error(cli(*sides, "--plot", tmp_path / "c.foo"), "--plot", "'foo'", ".png")
-    assert_one_line_error(cli(*sides, "--plot", tmp_path / "curves"), "--plot", "unknown image type")
+    assert_one_line_error(cli(*sides, "--plot", tmp_path / "c.foo"), "--plot", "unknown image type .foo", ".png")
+    with pytest.raises(SystemExit, match="no image type"):
+        compare.main([*sides, "--plot", str(tmp_path / "curves")])
     assert not any(p.name.startswith("c") for p in tmp_path.iterdir())
 
 
