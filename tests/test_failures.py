@@ -35,7 +35,7 @@ def tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root): test_a_record_line_that_fails_is_left_out_whole "
                     "fakes the same write error")
     yield folder
-    subprocess.run(["umount", str(folder)])
+    subprocess.run(["umount", "--lazy", str(folder)])  # a file torch.save left open must not keep it busy
 
 
 def test_a_full_disk_for_the_record_stops_the_run_with_a_checkpoint(shards, tmpfs, tmp_path):
@@ -100,7 +100,7 @@ def test_an_existing_records_dir_that_cannot_be_written_is_one_line(shards, tmp_
         message = one_line(stop)
         assert str(folder) in message and "--records_dir" in message
     finally:
-        subprocess.run(["umount", str(folder)])
+        subprocess.run(["umount", "--lazy", str(folder)])  # a file torch.save left open must not keep it busy
 
 
 def test_resume_at_or_past_the_last_step_is_refused(shards, tmp_path, capsys):
