@@ -13,6 +13,7 @@ that is no run log at all is refused.
 """
 import argparse
 import difflib
+import itertools
 import json
 import math
 import os
@@ -142,7 +143,10 @@ def parse_log(path, target):
     run = Run(path)
     run.source, env, steps = split_layout(path, lines)
     run.env = parse_environment(env)
-    run.hparams = dict(line[2:].split("=", 1) for line in env if line.startswith("--") and "=" in line)
+    flags = env[env.index("Hyperparameters:") + 1:] if "Hyperparameters:" in env else []
+    # The block ends at the first other line: notes below it may start with -- too.
+    run.hparams = dict(line[2:].split("=", 1) for line in itertools.takewhile(lambda x: x.startswith("--"), flags)
+                       if "=" in line)
 
     last, bad, unknown, stopped = None, [], [], ""
     for line in steps:

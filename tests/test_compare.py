@@ -62,7 +62,8 @@ def make_log(path, src=SRC_A, n=100, final=3.27, ms=150.0, val_every=25, stop_at
     if public:
         lines = [DIV, *src, DIV, "Running pytorch 2.5.1+cu124 compiled for CUDA 12.4", "nvidia-smi:", *nvidia_smi()]
     else:
-        flags = ["Hyperparameters:"] + [f"--{k}={v}" for k, v in hparams.items()] if hparams else []
+        flags = ["Hyperparameters:", *[f"--{k}={v}" for k, v in hparams.items()], "Notes:",
+                 "--device_batch_size=auto chose 64 (a note that looks like a flag)"] if hparams else []
         lines = [*src, DIV, *env, *flags]
     lines.append(DIV)
     last = n if stop_at is None else stop_at
@@ -164,6 +165,8 @@ def test_numbers_match_independent_computation(sides, capsys):
     assert c["welch_val_loss"]["p"] == pytest.approx(welch.pvalue, rel=1e-9)
     assert c["welch_val_loss"]["t"] == pytest.approx(welch.statistic, rel=1e-9)
     assert c["hyperparameter_diff"] == {"muon_lr": ["0.02", "0.03"]}  # seed differs too, but is per run
+    hparams = compare.parse_log(os.path.join(sides[0], "seed1.txt"), target).hparams
+    assert hparams == {"muon_lr": "0.02", "seq_len": "1024", "seed": "1"}  # the flags block, not the notes
     assert c["timings_comparable"] is True
 
 
