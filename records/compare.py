@@ -335,8 +335,8 @@ def side_report(path, runs, target, pool):
             plan["note"] = f"mean {st['mean']:.4f} is not below {target}: no number of runs will give p < {ALPHA}"
         else:
             more = max(0, plan["runs_needed"] - len(vals))
-            plan["note"] = (f"p < {ALPHA} needs {plan['runs_needed']} runs at this mean and std "
-                            f"(has {len(vals)}{f', {more} more' if more else ''})")
+            plan["note"] = (f"p = {test['p']:.3g} now with {len(vals)} runs; p < {ALPHA} needs "
+                            f"{plan['runs_needed']} runs at this mean and std{f' ({more} more)' if more else ''}")
     setups = {}
     for r in used:
         setups[r.setup] = setups.get(r.setup, 0) + 1
@@ -481,8 +481,8 @@ def render(rep, md=False):
         lines += [f"{s['name']}: mean final val < {tgt}: t = {fmt(t['t'], '.3f')}, p = {fmt(t['p'], '.3g')}"
                   f" (one-sided) -> {t['verdict']}",
                   f"{s['name']}: planner: {s['planner']['note']}",
-                  f"{s['name']}: below {tgt} with p < {ALPHA} from val step "
-                  f"{step if step is not None else '- (at no val step)'}"]
+                  f"{s['name']}: below {tgt} with p < {ALPHA} " + (f"from val step {step} on" if step is not None
+                                                                   else "at no val step")]
     out.append(section("comparison", bullets(lines, md), md))
     return "\n\n".join(out)
 
