@@ -6,22 +6,8 @@
 One GPU or a CPU runs the same math through gradient accumulation. Every run logs its
 own source, environment, hyperparameters and step lines to records/.
 """
-import argparse
-import dataclasses
-import errno
-import gc
-import glob
-import math
-import os
-import platform
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-import uuid
+import argparse, dataclasses, errno, gc, glob, math, os, platform, re
+import shutil, signal, subprocess, sys, tempfile, time, uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -964,7 +950,11 @@ def run(argv, stop):
             stopped = train(args, world_size, *parts, accum_steps, start_step, clock, log, checkpoint_path, stop,
                             progress)
         except BaseException as e:
-            stopped = first_failure(stop_reason(e, args, device, progress), rank, world_size)
+            if isinstance(e, torch.OutOfMemoryError):
+                e = TrainError(f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
+                               f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor")
+            stopped = first_failure(f"{e} after step {progress['step']}" if isinstance(e, Interrupted) else
+                                    str(e).splitlines()[0] if str(e) else type(e).__name__, rank, world_size)
             error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
         finally:
             stop.phase = "finishing"
@@ -975,14 +965,6 @@ def run(argv, stop):
     if error or log.error:
         raise error or log.error
     return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
-
-def stop_reason(error, args, device, progress):
-    if isinstance(error, torch.OutOfMemoryError):
-        return (f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
-                f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor")
-    if isinstance(error, Interrupted):
-        return f"{error} after step {progress['step']}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 def first_failure(reason, rank, world_size):
     """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
@@ -996,15 +978,12 @@ def first_failure(reason, rank, world_size):
         return f"rank {rank} failed: {reason}"
 
 def finish_record(log, stopped, progress, clock, device, world_size):
-    """The record's last lines, `stopped:` and `summary:`; on the console too when the disk refused them."""
+    """The record's last lines, `stopped:` and `summary:`."""
     lines = ([f"stopped: {stopped}"] if stopped else []) + [
         f"summary: final_val_loss:{progress['val_loss']:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
         f"world_size:{world_size} device:{device_name(device)}"]
     for line in lines:
-        error = log.error
-        log(line)
-        if log.error is not error:
-            print(line, flush=True)
+        log(line)  # on the console too, where it survives a full disk
     log.close()
 
 def main(argv):
@@ -1016,8 +995,6 @@ def main(argv):
     except (TrainError, FloatingPointError) as e:
         rank = int(os.environ.get("RANK", 0))
         raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
-    except torch.OutOfMemoryError:
-        raise SystemExit("train_gpt2.py: out of GPU memory: use --device_batch_size=auto or a smaller divisor") from None
     except Interrupted as e:
         print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_code
