@@ -14,7 +14,6 @@ train-time ratio B/A with their mean and its 95% confidence interval, and a one-
 t-test of "B is faster". Ctrl-C stops after the current run (a second one stops that run
 too) and compares what has finished.
 """
-import argparse
 import glob
 import os
 import re
@@ -25,7 +24,8 @@ import time
 import warnings
 from datetime import datetime, timedelta
 
-import compare
+import compare  # also puts the repository root on sys.path
+from data.flags import FlagParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +144,7 @@ def report(scripts, logs, target=3.28):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    ap = argparse.ArgumentParser(description="Time two variants of train_gpt2.py interleaved (A B B A ...) on this "
+    ap = FlagParser(description="Time two variants of train_gpt2.py interleaved (A B B A ...) on this "
                                              "machine and compare them. Trainer flags go after --.")
     ap.add_argument("a", help="the baseline script, e.g. train_gpt2.py")
     ap.add_argument("b", help="the candidate script")

@@ -11,7 +11,6 @@ environment with nvidia-smi, '=', the step lines, 'peak memory consumption: N Mi
 last 'summary:' line). Problems with a log are warnings on stderr naming the file; a file
 that is no run log at all is refused.
 """
-import argparse
 import difflib
 import itertools
 import json
@@ -21,6 +20,9 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.flags import FlagParser  # noqa: E402  one-line errors, no abbreviations, as every tool of the project
 
 DIVIDER = "=" * 100
 KNOWN = ("summary:", "peak memory", "resumed_from:", "stopped:", "checkpoint:")  # recognised non-step lines
@@ -603,7 +605,7 @@ def jsonable(x):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Compare speedrun records (log files or folders of logs): a baseline "
+    ap = FlagParser(description="Compare speedrun records (log files or folders of logs): a baseline "
                                              "and one candidate in full, or a baseline and several variants.")
     ap.add_argument("sides", nargs="+", metavar="SIDE",
                     help="the baseline, then one or more candidates: each a run log or a folder of run logs")

@@ -496,3 +496,9 @@ def test_trainer_cpu_record_parses(tmp_path, capsys):
     assert (tmp_path / "cpu.png").read_bytes()[:4] == b"\x89PNG"
     assert rep["comparisons"][0]["code_diff"] == ""
     assert rep["sides"][0]["runs"][0]["val_loss"] == pytest.approx(run.final_val)
+
+
+def test_a_non_numeric_target_is_one_line():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "records", "compare.py"), "a", "b", "--target", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--target" in r.stderr
