@@ -356,8 +356,8 @@ def build_optimizers(model, args, rank, world_size, device):
                             betas=(args.adam_beta1, args.adam_beta2), fused=device.type == "cuda")
     muon = Muon(matrices, lr=args.muon_lr, momentum=args.muon_momentum, ns_steps=args.muon_ns_steps, rank=rank,
                 world_size=world_size, ns_dtype=compute_dtype(device))
-    if device.type == "cuda":  # 15 bf16 matmuls + element-wise work per matrix: fused, one graph per matrix shape
-        muon.orthogonalize = torch.compile(newton_schulz_orthogonalize, dynamic=False)
+    if args.compile:  # 15 bf16 matmuls + element-wise work per matrix: fused, one graph per matrix shape
+        muon.orthogonalize = torch.compile(newton_schulz_orthogonalize, dynamic=False, options=INDUCTOR_OPTIONS)
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
@@ -512,7 +512,7 @@ class RunLog:
             return
         if console:
             print(line, flush=True)
-        if record:
+        if record and self.error is None:  # after a failure, the console only: no line goes missing mid-record
             data, written = (line + "\n").encode(), 0
             try:
                 while written < len(data):
@@ -563,10 +563,11 @@ def progress_line(step, args, train_loss, steps_per_s, clock):
 def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes):
     """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
     path = os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
+    environment = environment_lines(device) if rank == 0 else []  # nvidia-smi may take seconds: before the file
     log = RunLog(path if rank == 0 else None)
     with open(__file__) as f:
         log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
-    for line in ["=" * 100, *environment_lines(device), "Hyperparameters:", *args.as_flags(), "Notes:", *notes,
+    for line in ["=" * 100, *environment, "Hyperparameters:", *args.as_flags(), "Notes:", *notes,
                  "=" * 100]:
         log(line, console=False)
     log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
@@ -641,6 +642,10 @@ def resolve_args(argv):
             raise CheckpointError(f"--resume=latest found no checkpoint of --run_name={run_name} in {folder}/")
         path = max(paths, key=os.path.getmtime)
     checkpoint = load_checkpoint(path)
+    missing = {"hyperparameters", "step", "model", "adam", "muon_momentum", "data", "rng", "train_ms", "timed_steps",
+               "record"} - checkpoint.keys() or set(SHAPE_FIELDS) - checkpoint["hyperparameters"].keys()
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(sorted(missing))}: not a complete training checkpoint")
     known = {f.name for f in dataclasses.fields(Hyperparameters)} - set(MACHINE_FIELDS)
     inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
     args = Hyperparameters(**{**inherited, **flags, "resume": path})
@@ -653,39 +658,52 @@ def resolve_args(argv):
                               f"--num_iterations={args.num_iterations}; raise it to continue")
     return args, checkpoint
 
-def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, record):
-    """Everything a resumed run needs, written atomically (temp file, then rename); rank 0 writes."""
+def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, record, world_size):
+    """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0; a failure to write
+    it ends every rank (agreed by an all-reduce), so none waits in the next step's collectives."""
     state = dict(format=CHECKPOINT_FORMAT, hyperparameters=dataclasses.asdict(args), step=step,
                  model=model.state_dict(), adam=adam.state_dict(), muon_momentum=muon.momentum_buffers(),
                  data=train_loader.state(), train_ms=clock.train_ms, timed_steps=clock.timed_steps, record=record,
                  rng=dict(cpu=torch.get_rng_state(),
                           cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0)))
-    if path is None:  # ranks other than 0 only take part in the momentum gather
-        return
+    error = None
     try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file under the final name
+        if path is not None:  # ranks other than 0 only take part in the momentum gather
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)  # never a half-written file under the final name
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as some RuntimeError of its own
         full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**20
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e))) from None
+        error = output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e)))
+    if all_reduce_sum(torch.tensor(float(error is not None), device=train_loader.device), world_size).item():
+        raise error or OutputError("rank 0 could not write the checkpoint")
 
 def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
     """Load a checkpoint into a freshly built run; returns (step to continue from, the clock to go on with)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in adam.param_groups]
     try:
         model.load_state_dict(checkpoint["model"])
         adam.load_state_dict(checkpoint["adam"])
         muon.load_momentum_buffers(checkpoint["muon_momentum"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         step, data, train_ms, timed_steps = (checkpoint[k] for k in ("step", "data", "train_ms", "timed_steps"))
     except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"{path} does not match the model its own flags describe "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    for group, setting in zip(adam.param_groups, settings):
+        group.update(setting)  # this run's lrs, betas and fused kernel; load_state_dict brought the saved ones
     train_loader.seek(**data)
     return step, Clock(train_loader.device, train_ms, timed_steps)
+
+class Interrupted(Exception):
+    """A signal that ends the run where it is: exit status 128 + its number."""
+
+    def __init__(self, signum, why):
+        super().__init__(f"{signal.Signals(signum).name} {why}")
+        self.exit_code = 128 + signum
 
 class StopRequest:
     """SIGINT/SIGTERM: before training, stop at once; during it, checkpoint and stop at the next step
@@ -710,18 +728,11 @@ class StopRequest:
         if self.phase == "shutdown":
             os._exit(128 + signum)  # the record is closed: nothing is lost
         if self.phase == "start-up":
-            raise Interrupted(signum, "during start-up, before the first step: nothing to save")
+            raise Interrupted(signum, "before the first step was done: nothing to save")
         if self.signal is None:
             self.signal, self.since = signum, time.monotonic()
         elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
-            raise Interrupted(signum, "by a second Ctrl-C: no checkpoint")
-
-class Interrupted(Exception):
-    """A signal that ends the run where it is: exit status 128 + its number."""
-
-    def __init__(self, signum, why):
-        super().__init__(f"{signal.Signals(signum).name} {why}")
-        self.exit_code = 128 + signum
+            raise Interrupted(signum, "a second time: stopped at once, no checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,6 +811,13 @@ def attention_backends(device):
     with sdpa_kernel(order, set_priority=True):
         yield "attention: cuDNN SDPA first (Hopper), then flash, memory-efficient, math"
 
+def prune_checkpoints(saved, keep):
+    """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
+    for path in saved[:-keep]:
+        if path and os.path.exists(path):
+            os.remove(path)
+    return saved[-keep:]
+
 def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, accum_steps, start_step, clock, log,
           checkpoint_path, stop, progress):
     """Steps start_step+1 .. num_iterations; `progress` keeps the last step and val loss for the summary.
@@ -819,14 +837,14 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
         if step > start_step and (save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))):
             with clock.paused():
                 path = checkpoint_path(step)
-                save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, log.path)
+                save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, log.path, world_size)
                 saved, last_save = prune_checkpoints(saved + [path], args.keep_checkpoints), time.monotonic()
             log(f"checkpoint: {path}", record=stop_now or last_step)
+        if last_step:
+            return None
         if stop_now:
             why = log.error or signal.Signals(stop.signal or signal.SIGTERM).name
             return f"{why} at step {step}: checkpoint saved, resume with --resume"
-        if last_step:
-            return None
 
         # ---------------- one optimizer step over the global batch ----------------
         x, y = train_loader.next_batch()
@@ -837,7 +855,8 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
                 loss = ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
                 (loss / accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
             train_loss += loss.detach() / accum_steps
-        train_loader.prefetch()  # while the device still runs this step's kernels
+        if step + 1 < args.num_iterations:
+            train_loader.prefetch()  # while the device still runs this step's kernels
         for opt in (adam, muon):
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lr_multiplier(step, args)
@@ -849,11 +868,13 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
         # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ----------------
         due = bool(args.save_every and (step + 1) % args.save_every == 0) or \
             bool(args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes)
-        votes = torch.zeros(3, device=x.device)  # filled on the device: no host-to-device copy
-        votes[0], votes[1], votes[2] = train_loss, float(stop.signal is not None or log.error is not None), float(due)
+        votes = torch.zeros(3, device=x.device)
+        votes[0] = train_loss  # fill_ with a Python number launches a kernel; `votes[i] = number` would copy and sync
+        votes[1].fill_(float(stop.signal is not None or log.error is not None)), votes[2].fill_(float(due))
         loss_sum, stop_votes, save_votes = all_reduce_sum(votes, world_size).tolist()
         clock.lap()
         train_loss, stop_now, save_now, progress["step"] = loss_sum / world_size, stop_votes > 0, save_votes > 0, step + 1
+        stop.phase = "training"  # from here a signal waits for the step boundary (the first step may compile)
         log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
@@ -862,13 +883,6 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
             rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
             log(progress_line(step + 1, args, train_loss, rate, clock), record=False)
             progress_at, progress_step = time.monotonic(), step + 1
-
-def prune_checkpoints(saved, keep):
-    """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
-    for path in saved[:-keep]:
-        if path:
-            os.remove(path)
-    return saved[-keep:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,6 +909,8 @@ def build_run(args, rank, world_size, device, checkpoint):
     try:
         model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
     except (RuntimeError, MemoryError) as e:  # CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+            raise
         raise ConfigError(f"the model does not fit in {device_name(device)}'s memory ({type(e).__name__}); "
                           f"check --vocab_size, --model_dim and --num_layers") from None
     adam, muon = build_optimizers(model, args, rank, world_size, device)
@@ -924,6 +940,26 @@ def prepare_outputs(args, now):
     return [f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was writing when "
             f"it was killed: delete it" for path in stale]
 
+def first_failure(reason, rank, world_size):
+    """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
+    (the others only see a collective fail once that rank has gone)."""
+    if world_size == 1:
+        return reason
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        return store.compare_set("first_failure", "", f"rank {rank} failed: {reason}").decode()  # the first one wins
+    except Exception:  # the store went with the failing rank's node: say what this rank saw
+        return f"rank {rank} failed: {reason}"
+
+def finish_record(log, stopped, progress, clock, device, world_size):
+    """The record's last lines, `stopped:` and `summary:`."""
+    lines = ([f"stopped: {stopped}"] if stopped else []) + [
+        f"summary: final_val_loss:{progress['val_loss']:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
+        f"world_size:{world_size} device:{device_name(device)}"]
+    for line in lines:
+        log(line)  # on the console too, where it survives a full disk
+    log.close()
+
 def run(argv, stop):
     """One training run; returns the exit status, or raises what ended it."""
     args, checkpoint = resolve_args(argv)
@@ -946,15 +982,13 @@ def run(argv, stop):
         checkpoint_path = lambda step: f"{checkpoint_prefix}-step{step:06d}.pt" if rank == 0 else None  # noqa: E731
         progress, error = dict(step=start_step, val_loss=float("nan")), None
         try:
-            stop.phase = "training"
             stopped = train(args, world_size, *parts, accum_steps, start_step, clock, log, checkpoint_path, stop,
                             progress)
         except BaseException as e:
             if isinstance(e, torch.OutOfMemoryError):
                 e = TrainError(f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
                                f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor")
-            stopped = first_failure(f"{e} after step {progress['step']}" if isinstance(e, Interrupted) else
-                                    str(e).splitlines()[0] if str(e) else type(e).__name__, rank, world_size)
+            stopped = first_failure(str(e).splitlines()[0] if str(e) else type(e).__name__, rank, world_size)
             error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
         finally:
             stop.phase = "finishing"
@@ -966,41 +1000,22 @@ def run(argv, stop):
         raise error or log.error
     return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
 
-def first_failure(reason, rank, world_size):
-    """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
-    (the others only see a collective fail once that rank has gone)."""
-    if world_size == 1:
-        return reason
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        return store.compare_set("first_failure", "", f"rank {rank} failed: {reason}").decode()  # the first one wins
-    except Exception:  # the store went with the failing rank's node: say what this rank saw
-        return f"rank {rank} failed: {reason}"
-
-def finish_record(log, stopped, progress, clock, device, world_size):
-    """The record's last lines, `stopped:` and `summary:`."""
-    lines = ([f"stopped: {stopped}"] if stopped else []) + [
-        f"summary: final_val_loss:{progress['val_loss']:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
-        f"world_size:{world_size} device:{device_name(device)}"]
-    for line in lines:
-        log(line)  # on the console too, where it survives a full disk
-    log.close()
-
 def main(argv):
     """Exit status 0 on success; a project error ends in one line on stderr, a signal in 128 + its number."""
     stop = StopRequest()
     try:
-        with stop:
-            return run(argv, stop)
+        with stop:  # the process group goes inside it: a Ctrl-C there exits without a traceback
+            try:
+                return run(argv, stop)
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
     except (TrainError, FloatingPointError) as e:
         rank = int(os.environ.get("RANK", 0))
         raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
     except Interrupted as e:
         print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -83,9 +83,9 @@ def test_a_record_line_that_fails_is_left_out_whole(tmp_path, monkeypatch):
     log("a long second line that will not fit", console=False)
     assert "full" in str(log.error) and str(tmp_path) in str(log.error)
     monkeypatch.undo()
-    log("third", console=False)
+    log("third", console=False)  # the disk has room again, but a record with a hole would mislead: console only
     log.close()
-    assert (tmp_path / "record.txt").read_text() == "first line\nthird\n"
+    assert (tmp_path / "record.txt").read_text() == "first line\n"
 
 
 def test_an_existing_records_dir_that_cannot_be_written_is_one_line(shards, tmp_path):
@@ -126,14 +126,16 @@ def test_resume_past_the_shards_of_this_machine_is_refused(shards, tmp_path, cap
     assert "shard 2" in one_line(stop)
 
 
-@pytest.mark.parametrize("damage", ["wrong shape", "missing key"])
+@pytest.mark.parametrize("damage", ["wrong shape", "missing key", "nothing but the format"])
 def test_a_checkpoint_that_contradicts_its_own_flags_is_refused(shards, tmp_path, damage, capsys):
     assert train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--save_every=3"]) == 0
     checkpoint = torch.load(checkpoints(f"{tmp_path}/checkpoints")[0], weights_only=True)
     if damage == "wrong shape":
         checkpoint["model"]["blocks.0.mlp.up.weight"] = torch.zeros(3, 3)
-    else:
+    elif damage == "missing key":
         del checkpoint["muon_momentum"]
+    else:
+        checkpoint = {"format": checkpoint["format"]}
     torch.save(checkpoint, tmp_path / "bad.pt")
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main([f"--resume={tmp_path}/bad.pt"])
@@ -215,3 +217,14 @@ sys.exit(train_gpt2.main(sys.argv[1:]))
     lines = read_record(f"{tmp_path}/records").splitlines()
     assert lines[-2].startswith("stopped: rank 1 failed: shard_x.bin: only rank 1 reads this")
     assert lines[-1].startswith("summary: ") and "world_size:2" in lines[-1]
+
+
+def test_a_checkpoint_that_fails_to_save_ends_every_rank(shards, tmpfs, tmp_path):
+    """Only rank 0 writes: its full disk must not leave rank 1 waiting in the next step's collectives."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+                          "--nproc_per_node=2", "train_gpt2.py", *TINY_FLAGS, *shards[:3], f"--checkpoint_dir={tmpfs}",
+                          *STEPS, "--save_every=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert checkpoints(tmpfs) == []
+    lines = read_record(f"{tmp_path}/records").splitlines()
+    assert lines[-2].startswith("stopped: rank ") and "full" in lines[-2] and lines[-1].startswith("summary: ")

@@ -195,3 +195,13 @@ def test_sigterm_checkpoints_then_resume_matches(shards, tmp_path, capsys):
     assert step_losses(resumed, step) == step_losses(uninterrupted, step)  # every loss after the stop, exactly
     before_stop = {k: v for k, v in step_losses(uninterrupted, 0).items() if k[1] <= step}
     assert step_losses(stopped, 0) == before_stop
+
+
+def test_learning_rates_given_on_resume_take_effect(uninterrupted):
+    _, checkpoint = uninterrupted
+    args, saved = train_gpt2.resolve_args([f"--resume={checkpoint}", "--embed_lr=0.1", "--adam_beta2=0.99"])
+    args.compile = False
+    (_, _, adam, muon, _, _), step, _, _ = train_gpt2.build_run(args, 0, 1, torch.device("cpu"), saved)
+    assert step == 10 and adam.state  # the optimizer state came from the checkpoint...
+    assert adam.param_groups[0]["initial_lr"] == 0.1 and adam.param_groups[0]["betas"] == (0.9, 0.99)  # ...not its lrs
+    assert muon.orthogonalize is train_gpt2.newton_schulz_orthogonalize  # --compile=false: nothing compiled
