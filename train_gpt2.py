@@ -392,12 +392,8 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 class ShardLoader:
-    """Streams the shards matching `pattern` as one token sequence, one global batch per step.
-
-    Each step takes the next contiguous window of batch_size*seq_len+1 tokens (moving to the next shard,
-    leftover dropped, when one runs out); rank r gets the r-th slice of it. So every optimizer step sees
-    the same tokens whatever the world size or micro-batch.
-    """
+    """The shards matching `pattern` as one token stream: each step takes the next batch_size*seq_len+1 tokens
+    (dropping a shard's leftover) and gives rank r the r-th slice: the same tokens on any world size or micro-batch."""
 
     def __init__(self, pattern, batch_size, seq_len, rank, world_size, device, vocab_size=2**16):
         self.files = sorted(glob.glob(pattern))
@@ -526,6 +522,13 @@ class RunLog:
         if self.fd is not None:
             os.close(self.fd)
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
 def environment_lines(device):
     lines = [f"Running Python {sys.version}", f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}"]
     if device.type != "cuda":
@@ -535,13 +538,6 @@ def environment_lines(device):
     except (OSError, subprocess.SubprocessError) as e:
         return lines + [f"nvidia-smi unavailable: {e}"]
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name()}"
 
@@ -550,9 +546,6 @@ def peak_memory_mib(device):
         return torch.cuda.max_memory_allocated(device) // 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
-
-def step_line(step, num_iterations, kind, loss, clock):
-    return f"step:{step}/{num_iterations} {kind}:{loss:.4f} {clock}"
 
 def progress_line(step, args, train_loss, steps_per_s, clock):
     return (f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s "
@@ -567,8 +560,7 @@ def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes)
     log = RunLog(path if rank == 0 else None)
     with open(__file__) as f:
         log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
-    for line in ["=" * 100, *environment, "Hyperparameters:", *args.as_flags(), "Notes:", *notes,
-                 "=" * 100]:
+    for line in ["=" * 100, *environment, "Hyperparameters:", *args.as_flags(), "Notes:", *notes, "=" * 100]:
         log(line, console=False)
     log(f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
         f"{args.device_batch_size} x {accum_steps} micro-steps)", record=False)
@@ -833,7 +825,7 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
         if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
             with clock.paused():
                 progress["val_loss"] = evaluate(ddp, val_loader, args, accum_steps, world_size)
-            log(step_line(step, args.num_iterations, "val_loss", progress["val_loss"], clock))
+            log(f"step:{step}/{args.num_iterations} val_loss:{progress['val_loss']:.4f} {clock}")
         if step > start_step and (save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))):
             with clock.paused():
                 path = checkpoint_path(step)
@@ -850,8 +842,7 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
         x, y = train_loader.next_batch()
         train_loss = torch.zeros((), device=x.device)
         for micro_step, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
-            last_micro_step = micro_step == accum_steps - 1
-            with nullcontext() if last_micro_step or world_size == 1 else ddp.no_sync():
+            with nullcontext() if micro_step == accum_steps - 1 or world_size == 1 else ddp.no_sync():
                 loss = ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
                 (loss / accum_steps).backward()  # mean, not sum, over micro-steps: same math on any device count
             train_loss += loss.detach() / accum_steps
@@ -875,7 +866,7 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
         clock.lap()
         train_loss, stop_now, save_now, progress["step"] = loss_sum / world_size, stop_votes > 0, save_votes > 0, step + 1
         stop.phase = "training"  # from here a signal waits for the step boundary (the first step may compile)
-        log(step_line(step + 1, args.num_iterations, "train_loss", train_loss, clock), console=False)
+        log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} {clock}", console=False)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"train loss is {train_loss} at step {step + 1}: lower the learning rates "
                                      f"or check the data")
@@ -889,8 +880,7 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
 # main
 
 def build_run(args, rank, world_size, device, checkpoint):
-    """Loaders, model, optimizers and the wrapped model, all before the record opens, so bad input fails in one
-    line. Returns them with the start step, the clock and the notes for the record."""
+    """Everything training needs, built before the record opens so that bad input fails in one line."""
     notes = []
     loader_args = (args.batch_size, args.seq_len, rank, world_size, device, args.vocab_size)
     train_loader = ShardLoader(args.input_bin, *loader_args)
@@ -941,8 +931,7 @@ def prepare_outputs(args, now):
             f"it was killed: delete it" for path in stale]
 
 def first_failure(reason, rank, world_size):
-    """The first failing rank's reason, agreed through the process group's store, so rank 0's record names it
-    (the others only see a collective fail once that rank has gone)."""
+    """The first failing rank's reason, agreed in the process group's store: the others only see a collective fail."""
     if world_size == 1:
         return reason
     try:
