@@ -861,7 +861,8 @@ def train(args, world_size, model, ddp, adam, muon, train_loader, val_loader, ac
             bool(args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes)
         votes = torch.zeros(3, device=x.device)
         votes[0] = train_loss  # fill_ with a Python number launches a kernel; `votes[i] = number` would copy and sync
-        votes[1].fill_(float(stop.signal is not None or log.error is not None)), votes[2].fill_(float(due))
+        votes[1].fill_(float(stop.signal is not None or log.error is not None))
+        votes[2].fill_(float(due))
         loss_sum, stop_votes, save_votes = all_reduce_sum(votes, world_size).tolist()
         clock.lap()
         train_loss, stop_now, save_now, progress["step"] = loss_sum / world_size, stop_votes > 0, save_votes > 0, step + 1
