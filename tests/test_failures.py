@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,3 +229,25 @@ def test_a_checkpoint_that_fails_to_save_ends_every_rank(shards, tmpfs, tmp_path
     assert checkpoints(tmpfs) == []
     lines = read_record(f"{tmp_path}/records").splitlines()
     assert lines[-2].startswith("stopped: rank ") and "full" in lines[-2] and lines[-1].startswith("summary: ")
+
+
+def test_keeping_no_checkpoint_is_refused_before_anything_is_written(shards, tmp_path):
+    """--keep_checkpoints=0 would delete the checkpoint a 'saved' line just named: refused up front."""
+    with pytest.raises(SystemExit) as stop:
+        train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--keep_checkpoints=0"])
+    assert "--keep_checkpoints" in one_line(stop)
+    assert not os.path.exists(f"{tmp_path}/records") and not os.path.exists(f"{tmp_path}/checkpoints")
+
+
+def test_a_checkpoint_write_that_fails_on_a_full_disk_is_one_line(shards, tmp_path, monkeypatch, capsys):
+    """Sibling of the tmpfs test where no filesystem can be mounted: torch.save fails as it does on a full disk."""
+    def full_disk_save(state, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7552 vs 7446")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(train_gpt2.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    with pytest.raises(SystemExit) as stop:
+        train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--save_every=3"])
+    assert "full" in one_line(stop) and "enforce fail" not in str(stop.value)
+    assert checkpoints(f"{tmp_path}/checkpoints") == []  # the partial temp file is gone
