@@ -890,8 +890,8 @@ def build_run(args, rank, world_size, device, checkpoint):
     if overlap:
         raise ConfigError(f"--input_bin also matches the validation shard {overlap.pop()}: training on it makes "
                           f"val loss meaningless; narrow the glob")
-    if len(val_tokens := read_shard(val_loader.files[0])) < args.val_tokens + 1:
-        raise ShardError(f"{val_loader.files[0]}: {len(val_tokens)} tokens is fewer than "
+    if len(val_loader.tokens) < args.val_tokens + 1:  # the loader has the first val shard open
+        raise ShardError(f"{val_loader.files[0]}: {len(val_loader.tokens)} tokens is fewer than "
                          f"--val_tokens={args.val_tokens} (+1); lower --val_tokens")
     if args.num_iterations > train_loader.steps_per_pass:
         notes.append(f"data: the train shards hold {train_loader.steps_per_pass} steps; later steps see the same "
