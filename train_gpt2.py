@@ -485,6 +485,9 @@ def all_reduce_sum(value, world_size):
 class OutputError(TrainError):
     """A record or checkpoint that cannot be written: full disk, read-only folder."""
 
+class PeerFailure(TrainError):
+    """This rank stops because another rank failed: the rank that failed gives the reason."""
+
 def output_error(path, error):
     if error.errno == errno.ENOSPC:
         return OutputError(f"the disk holding {os.path.dirname(path) or '.'} is full: free space there, or point "
@@ -669,7 +672,7 @@ def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, re
             os.remove(path + ".tmp")
         error = output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e)))
     if all_reduce_sum(torch.tensor(float(error is not None), device=train_loader.device), world_size).item():
-        raise error or OutputError("rank 0 could not write the checkpoint")
+        raise error or PeerFailure("rank 0 could not write the checkpoint")
 
 def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
     """Load a checkpoint into a freshly built run; returns (step to continue from, the clock to go on with)."""
@@ -931,15 +934,20 @@ def prepare_outputs(args, now):
     return [f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was writing when "
             f"it was killed: delete it" for path in stale]
 
-def first_failure(reason, rank, world_size):
-    """The first failing rank's reason, agreed in the process group's store: the others only see a collective fail."""
+def first_failure(error, rank, world_size):
+    """Why the run failed, agreed in the process group's store. Only a rank that failed itself posts its reason;
+    a rank that only saw a collective fail, or another rank's agreed failure, waits for that reason."""
+    reason = f"rank {rank} failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     if world_size == 1:
-        return reason
+        return reason.split(": ", 1)[1]
     try:
         store = dist.distributed_c10d._get_default_store()
-        return store.compare_set("first_failure", "", f"rank {rank} failed: {reason}").decode()  # the first one wins
-    except Exception:  # the store went with the failing rank's node: say what this rank saw
-        return f"rank {rank} failed: {reason}"
+        if not isinstance(error, (PeerFailure, dist.DistError)):
+            return store.compare_set("first_failure", "", reason).decode()  # the first own failure wins
+        store.wait(["first_failure"], timedelta(seconds=10))
+        return store.get("first_failure").decode()
+    except Exception:  # no reason posted in time, or the store went with the failing rank's node
+        return reason
 
 def finish_record(log, stopped, progress, clock, device, world_size):
     """The record's last lines, `stopped:` and `summary:`."""
@@ -978,7 +986,7 @@ def run(argv, stop):
             if isinstance(e, torch.OutOfMemoryError):
                 e = TrainError(f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
                                f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor")
-            stopped = first_failure(str(e).splitlines()[0] if str(e) else type(e).__name__, rank, world_size)
+            stopped = first_failure(e, rank, world_size)
             error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
         finally:
             stop.phase = "finishing"
