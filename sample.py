@@ -9,6 +9,7 @@ is given; Ctrl-C stops early and keeps what was printed. The same --seed gives t
 on the same device. No prompt = start of a new document (<|endoftext|>), and only the
 continuation is printed.
 """
+
 import argparse
 import codecs
 import dataclasses
@@ -46,13 +47,22 @@ def load_model(path, device):
         return model.float().to(device).eval(), args, int(checkpoint["step"])
     except KeyError as e:
         fail(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint")
-    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad hyperparameters
-        fail(f"{path}: the weights do not fit the model its hyperparameters describe "
-             f"({(str(e).splitlines() or [type(e).__name__])[0]})")
+    except (
+        AttributeError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ) as e:  # wrong types or shapes, bad hyperparameters
+        fail(
+            f"{path}: the weights do not fit the model its hyperparameters describe "
+            f"({(str(e).splitlines() or [type(e).__name__])[0]})"
+        )
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature, top_k, generator, max_vocab, context, stop_id=None):
+def generate(
+    model, prompt_ids, max_new_tokens, temperature, top_k, generator, max_vocab, context, stop_id=None
+):
     """Sample max_new_tokens ids after prompt_ids; yields each new id (an int) as soon as it is drawn.
 
     temperature 0 = greedy (argmax). top_k None or 0 = sample from the whole distribution.
@@ -96,13 +106,18 @@ def write_text(enc, ids):
 
 def gpt2_tokenizer():
     import tiktoken
+
     if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(ROOT, ".cache", "tiktoken")):
-        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(ROOT, ".cache", "tiktoken")  # seeded by data/gpt2_vocab.py
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(
+            ROOT, ".cache", "tiktoken"
+        )  # seeded by data/gpt2_vocab.py
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        fail(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); "
-             f"without access to openaipublic, run `python data/gpt2_vocab.py` first")
+        fail(
+            f"cannot load the GPT-2 tokenizer ({type(e).__name__}); "
+            f"without access to openaipublic, run `python data/gpt2_vocab.py` first"
+        )
 
 
 def parse_temperature(text):
@@ -111,6 +126,8 @@ def parse_temperature(text):
     if not (math.isfinite(value) and value >= 0) or (value == 0 and decimal.Decimal(text) != 0):
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or finite and at least 5e-324, got {text!r}")
     return value
+
+
 parse_temperature.__name__ = "float"  # argparse says "invalid float value: 'x'" for text that is not a number
 
 
@@ -119,10 +136,16 @@ def parse_args(argv):
     p.add_argument("checkpoint", help="file written by train_gpt2.py")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--max_new_tokens", type=at_least(0), default=200, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=parse_temperature, default=0.8, help="softmax temperature; 0 = greedy")
-    p.add_argument("--top_k", type=at_least(0), default=50, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument(
+        "--temperature", type=parse_temperature, default=0.8, help="softmax temperature; 0 = greedy"
+    )
+    p.add_argument(
+        "--top_k", type=at_least(0), default=50, help="sample among the k most likely tokens; 0 = all"
+    )
     p.add_argument("--seed", type=at_least(0, 2**64 - 1), default=0, help="seed of the sampling")
-    p.add_argument("--num_samples", type=at_least(1), default=1, help="independent continuations of the prompt")
+    p.add_argument(
+        "--num_samples", type=at_least(1), default=1, help="independent continuations of the prompt"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto = CUDA if visible")
     p.add_argument("--stop_at_eot", action="store_true", help="stop a sample early at <|endoftext|>")
     return p.parse_args(argv)
@@ -132,25 +155,42 @@ def main(argv=None):
     opts = parse_args(argv)
     if opts.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda but no CUDA device is visible")
-    device = torch.device("cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(
+        "cuda" if opts.device == "cuda" or (opts.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     model, args, step = load_model(opts.checkpoint, device)
     enc = gpt2_tokenizer()
     max_vocab = min(args.vocab_size, enc.n_vocab)
     prompt_ids = enc.encode(opts.prompt, allowed_special="all") if opts.prompt else [enc.eot_token]
     if max(prompt_ids) >= args.vocab_size:
-        fail(f"the checkpoint's vocab_size={args.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}")
-    print(f"sample.py: {opts.checkpoint} (step {step}, {args.num_layers} layers x {args.model_dim}, "
-          f"context {args.seq_len}) on {device}", file=sys.stderr)
+        fail(
+            f"the checkpoint's vocab_size={args.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}"
+        )
+    print(
+        f"sample.py: {opts.checkpoint} (step {step}, {args.num_layers} layers x {args.model_dim}, "
+        f"context {args.seq_len}) on {device}",
+        file=sys.stderr,
+    )
     if len(prompt_ids) > args.seq_len:
-        print(f"sample.py: the prompt has {len(prompt_ids)} tokens; the model sees only the last {args.seq_len}",
-              file=sys.stderr)
+        print(
+            f"sample.py: the prompt has {len(prompt_ids)} tokens; the model sees only the last {args.seq_len}",
+            file=sys.stderr,
+        )
     generator = torch.Generator().manual_seed(opts.seed)
     for i in range(opts.num_samples):
         if i:
             print("\n" + "-" * 40)
-        new = generate(model, prompt_ids, opts.max_new_tokens, opts.temperature, opts.top_k, generator, max_vocab,
-                       args.seq_len, stop_id=enc.eot_token if opts.stop_at_eot else None)
+        new = generate(
+            model,
+            prompt_ids,
+            opts.max_new_tokens,
+            opts.temperature,
+            opts.top_k,
+            generator,
+            max_vocab,
+            args.seq_len,
+            stop_id=enc.eot_token if opts.stop_at_eot else None,
+        )
         write_text(enc, itertools.chain(prompt_ids if opts.prompt else [], new))
 
 

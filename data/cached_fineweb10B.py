@@ -8,6 +8,7 @@ Shards already present and valid are not fetched again (no request is made for t
 every shard is checked (magic, version, size against the header's token count), and a bad
 one is named, removed and fetched again. An unreachable hub ends the run within seconds.
 """
+
 import argparse
 import errno
 import sys
@@ -30,16 +31,23 @@ RECORD_SHARDS = 18  # the record run reads ~1.7B tokens; shards hold 100M each
 def hub_error(e, what, repo_id):
     """A one-line message, saying what to do, for an exception raised by huggingface_hub."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import (LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if constants.is_offline_mode():
         return f"cannot download {what}: HF_HUB_OFFLINE is set; unset it and run again"
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return unreachable(what)
     if isinstance(e, RepositoryNotFoundError):
-        return (f"dataset repo {repo_id} was not found on the hub: check its name, "
-                "or log in with `hf auth login` if it is private or gated")
+        return (
+            f"dataset repo {repo_id} was not found on the hub: check its name, "
+            "or log in with `hf auth login` if it is private or gated"
+        )
     if isinstance(e, RevisionNotFoundError):
         return f"dataset repo {repo_id} has no such revision: check the repo on the hub"
     if isinstance(e, RemoteEntryNotFoundError):
@@ -52,17 +60,23 @@ def hub_error(e, what, repo_id):
 
 def unreachable(what, endpoint=None):
     from huggingface_hub import constants
-    return (f"cannot reach the Hugging Face hub at {endpoint or constants.ENDPOINT} to get {what} (no network?): "
-            "check the internet connection (or set HF_ENDPOINT to a mirror) and run again")
+
+    return (
+        f"cannot reach the Hugging Face hub at {endpoint or constants.ENDPOINT} to get {what} (no network?): "
+        "check the internet connection (or set HF_ENDPOINT to a mirror) and run again"
+    )
 
 
 def reach_hub(what, endpoint=None):
     """Exit in one line when the hub cannot be reached: huggingface_hub would retry for ~24 s, 12 warnings long."""
     from huggingface_hub import constants, get_session
+
     if constants.is_offline_mode():
         return  # the download then fails at once, and hub_error names HF_HUB_OFFLINE
     try:
-        get_session().head(endpoint or constants.ENDPOINT, timeout=5)  # any HTTP answer, even an error, will do
+        get_session().head(
+            endpoint or constants.ENDPOINT, timeout=5
+        )  # any HTTP answer, even an error, will do
     except Exception:  # noqa: BLE001 -- DNS, refused, timeout, proxy or TLS failure: all mean unreachable
         raise SystemExit(unreachable(what, endpoint)) from None
 
@@ -84,7 +98,9 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
     """Make sure the val shard and the first `n` train shards of `dataset` are in `local_dir`; return their paths."""
     repo_id, prefix, total = SETS[dataset]
     if n < 0 or (total is not None and n > total):
-        raise SystemExit(f"N={n} is out of range: {dataset} has {total} train shards; pick N from 0 to {total}")
+        raise SystemExit(
+            f"N={n} is out of range: {dataset} has {total} train shards; pick N from 0 to {total}"
+        )
     local_dir = Path(local_dir or HERE / dataset)
     names = [f"{prefix}_val_000000.bin"] + [f"{prefix}_train_{i:06d}.bin" for i in range(1, n + 1)]
     paths = [local_dir / name for name in names]
@@ -107,21 +123,38 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
         except Exception as e:  # noqa: BLE001 -- every hub failure becomes one line saying what to do
             raise SystemExit(hub_error(e, path.name, repo_id))
         if not _valid(path):
-            raise SystemExit(f"{path.name} from {repo_id} is not a valid shard (removed): run again to re-fetch it")
+            raise SystemExit(
+                f"{path.name} from {repo_id} is not a valid shard (removed): run again to re-fetch it"
+            )
     print(f"done: {len(paths)} shards of {dataset} checked in {local_dir}")
     return paths
 
 
 def main(argv=None):
     p = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("n", nargs="?", type=int, default=RECORD_SHARDS, metavar="N",
-                   help=f"number of train shards of 100M tokens to fetch, besides the val shard (default "
-                        f"{RECORD_SHARDS}:\nthe ~1.7B tokens the record run needs; 9 suffice for shorter runs; "
-                        f"fineweb10B has 103)")
-    p.add_argument("--set", dest="dataset", choices=SETS, default="fineweb10B",
-                   help="which pre-tokenized set (default fineweb10B, repo kjj0/fineweb10B-gpt2)")
-    p.add_argument("--dir", default=None, help="where to put the shards (default data/<set>/, "
-                                                "where train_gpt2.py's default --input_bin looks for fineweb10B)")
+    p.add_argument(
+        "n",
+        nargs="?",
+        type=int,
+        default=RECORD_SHARDS,
+        metavar="N",
+        help=f"number of train shards of 100M tokens to fetch, besides the val shard (default "
+        f"{RECORD_SHARDS}:\nthe ~1.7B tokens the record run needs; 9 suffice for shorter runs; "
+        f"fineweb10B has 103)",
+    )
+    p.add_argument(
+        "--set",
+        dest="dataset",
+        choices=SETS,
+        default="fineweb10B",
+        help="which pre-tokenized set (default fineweb10B, repo kjj0/fineweb10B-gpt2)",
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where to put the shards (default data/<set>/, "
+        "where train_gpt2.py's default --input_bin looks for fineweb10B)",
+    )
     args = p.parse_args(argv)
     try:
         fetch(args.n, args.dataset, args.dir)

@@ -14,6 +14,7 @@ shard holds the remainder. Shards are written into <out_dir>/<name>.tmp/ and mov
 (with --overwrite, the old shards stay until the new ones replace them). The next run removes
 what a killed run left behind.
 """
+
 import argparse
 import glob
 import json
@@ -41,7 +42,10 @@ _enc = None
 def _init_worker():
     global _enc
     import tiktoken
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops the run
+
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the whole group: the parent alone stops the run
     _enc = tiktoken.get_encoding("gpt2")  # the parent seeded the cache (data/gpt2_vocab.py)
 
 
@@ -54,8 +58,10 @@ def tokenize(text):
 
 # --- document sources ------------------------------------------------------------------------
 
+
 def _parquet_texts(path):
     import pyarrow.parquet as pq
+
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 -- pyarrow raises several kinds for a bad file
@@ -117,11 +123,15 @@ def fineweb_texts(version, endpoint=None):
     from huggingface_hub import HfApi, hf_hub_download
 
     from data.cached_fineweb10B import hub_error, reach_hub
+
     folder = f"sample/{version}T"
     reach_hub(f"the file list of {folder}", endpoint)
     try:
-        files = sorted(f.path for f in HfApi(endpoint=endpoint).list_repo_tree(FINEWEB, folder, repo_type="dataset")
-                       if f.path.endswith(".parquet"))
+        files = sorted(
+            f.path
+            for f in HfApi(endpoint=endpoint).list_repo_tree(FINEWEB, folder, repo_type="dataset")
+            if f.path.endswith(".parquet")
+        )
     except Exception as e:  # noqa: BLE001
         raise SystemExit(hub_error(e, f"the file list of {folder}", FINEWEB))
     if not files:
@@ -137,6 +147,7 @@ def fineweb_texts(version, endpoint=None):
 
 # --- shards ------------------------------------------------------------------------------------
 
+
 class ShardWriter:
     """Cuts a token stream into shards of exactly `shard_size` tokens: val first, then train."""
 
@@ -149,7 +160,7 @@ class ShardWriter:
     def add(self, tokens):
         while len(tokens):
             k = min(len(tokens), self.size - self.n)
-            self.buf[self.n:self.n + k] = tokens[:k]
+            self.buf[self.n : self.n + k] = tokens[:k]
             self.n, tokens = self.n + k, tokens[k:]
             if self.n == self.size:
                 self.flush()
@@ -158,7 +169,7 @@ class ShardWriter:
         if self.n:
             i = len(self.written)
             path = self.out_dir / f"{self.name}_{'val' if i == 0 else 'train'}_{i:06d}.bin"
-            write_shard(path, self.buf[:self.n])
+            write_shard(path, self.buf[: self.n])
             self.written.append((path, self.n))
             print(f"wrote {path.name} ({self.n:,} tokens)", file=sys.stderr, flush=True)
             self.n = 0
@@ -186,8 +197,10 @@ def tokenize_to_shards(texts, out_dir, name, shard_size, workers):
 
 
 def shard_paths(out_dir, name):
-    return sorted(glob.glob(str(out_dir / f"{glob.escape(name)}_val_*.bin")) +
-                  glob.glob(str(out_dir / f"{glob.escape(name)}_train_*.bin")))
+    return sorted(
+        glob.glob(str(out_dir / f"{glob.escape(name)}_val_*.bin"))
+        + glob.glob(str(out_dir / f"{glob.escape(name)}_train_*.bin"))
+    )
 
 
 def remove_leftovers(out_dir, name):
@@ -211,18 +224,34 @@ def replace_shards(written, out_dir, name):
 
 
 def main(argv=None):
-    p = FlagParser(description=__doc__.split("\n\n")[0] + " Defaults: FineWeb sample-10BT.",
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--input", nargs="+", metavar="PATH",
-                   help="local .txt/.jsonl/.parquet files, folders or globs (default: FineWeb from the hub)")
-    p.add_argument("--version", choices=["10B", "100B"], default="10B",
-                   help="FineWeb config sample-10BT or sample-100BT (without --input)")
+    p = FlagParser(
+        description=__doc__.split("\n\n")[0] + " Defaults: FineWeb sample-10BT.",
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="local .txt/.jsonl/.parquet files, folders or globs (default: FineWeb from the hub)",
+    )
+    p.add_argument(
+        "--version",
+        choices=["10B", "100B"],
+        default="10B",
+        help="FineWeb config sample-10BT or sample-100BT (without --input)",
+    )
     p.add_argument("--name", default="fineweb", help="shard file prefix (default fineweb)")
-    p.add_argument("--out_dir", help="output folder (default data/fineweb<version>, or data/<name> with --input)")
+    p.add_argument(
+        "--out_dir", help="output folder (default data/fineweb<version>, or data/<name> with --input)"
+    )
     p.add_argument("--shard_size", type=at_least(1), default=10**8, help="tokens per shard (default 10^8)")
-    p.add_argument("--workers", type=at_least(1), default=os.cpu_count(),
-                   help="tokenizer processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing <name>_*.bin shards in the folder")
+    p.add_argument(
+        "--workers", type=at_least(1), default=os.cpu_count(), help="tokenizer processes (default: all cores)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing <name>_*.bin shards in the folder"
+    )
     args = p.parse_args(argv)
     if args.input:
         texts = local_texts(local_files(args.input))
@@ -236,19 +265,24 @@ def main(argv=None):
         remove_leftovers(out_dir, args.name)
         old = shard_paths(out_dir, args.name)
         if old and not args.overwrite:
-            raise SystemExit(f"{out_dir} already has {len(old)} {args.name}_*.bin shards: "
-                             "pass --overwrite to replace them, or choose another --name or --out_dir")
+            raise SystemExit(
+                f"{out_dir} already has {len(old)} {args.name}_*.bin shards: "
+                "pass --overwrite to replace them, or choose another --name or --out_dir"
+            )
         stage.mkdir(parents=True)
     except OSError as e:
         raise SystemExit(f"cannot write to {out_dir}: {e.strerror}")
 
     from data.gpt2_vocab import ensure_gpt2
+
     try:
         ensure_gpt2()
         written = tokenize_to_shards(texts, stage, args.name, args.shard_size, args.workers)
         if not written:
             raise SystemExit("no documents found in the input")
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # only renames follow: Ctrl-C must not split the set
+        handler = signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # only renames follow: Ctrl-C must not split the set
         replace_shards(written, out_dir, args.name)
         signal.signal(signal.SIGINT, handler)
     except RuntimeError as e:
@@ -263,10 +297,14 @@ def main(argv=None):
     total = sum(n for _, n in written)
     print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
     if len(written) == 1:
-        print(f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
-              file=sys.stderr)
-    print(f"train on them with: --input_bin='{out_dir}/{args.name}_train_*.bin' "
-          f"--input_val_bin='{out_dir}/{args.name}_val_*.bin'")
+        print(
+            f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
+            file=sys.stderr,
+        )
+    print(
+        f"train on them with: --input_bin='{out_dir}/{args.name}_train_*.bin' "
+        f"--input_val_bin='{out_dir}/{args.name}_val_*.bin'"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ their cache keys, so a plain `tiktoken.get_encoding("gpt2")` works afterwards, o
 
     python data/gpt2_vocab.py   # seeds ./.cache/tiktoken (or $TIKTOKEN_CACHE_DIR)
 """
+
 import base64
 import glob
 import hashlib
@@ -70,13 +71,27 @@ def _from_openai():
 
 def _from_pypi():
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", WHISPER, "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            WHISPER,
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-q",
+            "-d",
+            tmp,
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         sdists = glob.glob(os.path.join(tmp, "*.tar.gz"))
         if r.returncode or not sdists:
             last = (r.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
-            raise RuntimeError(f"cannot get the GPT-2 vocabulary: openaipublic is unreachable and "
-                               f"`pip download {WHISPER}` failed ({last}); check the network and retry")
+            raise RuntimeError(
+                f"cannot get the GPT-2 vocabulary: openaipublic is unreachable and "
+                f"`pip download {WHISPER}` failed ({last}); check the network and retry"
+            )
         with tarfile.open(sdists[0]) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith("whisper/assets/gpt2.tiktoken"))
             return tar.extractfile(member).read()
@@ -106,7 +121,7 @@ def _data_gym_files(tiktoken_file):
         parts, r = [bytes([b]) for b in token], ranks[token]
         while len(parts) > 2:
             rank, i = min((ranks.get(parts[i] + parts[i + 1], r), i) for i in range(len(parts) - 1))
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         return parts
 
     merges = [" ".join(map(u, merge_pair(t))) for t in by_rank[256:]]

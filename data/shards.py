@@ -4,6 +4,7 @@ Header: 256 int32 (1024 bytes): [0] magic 20240520, [1] version 1, [2] token cou
 then that many uint16 token ids. tests/test_loader.py round-trips this writer through
 the trainer's reader, so the two cannot drift apart.
 """
+
 import contextlib
 import os
 
@@ -17,7 +18,9 @@ def write_shard(path, tokens):
 
     A failure (full disk, Ctrl-C) removes the temp file; only a killed process leaves `<path>.tmp`."""
     tokens = np.asarray(tokens)
-    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)), "token ids must fit uint16"
+    assert tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 2**16)), (
+        "token ids must fit uint16"
+    )
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     tmp = f"{path}.tmp"
@@ -44,6 +47,8 @@ def check_shard(path):
         raise ValueError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
     n = int(header[2])
     if n < 0 or size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
-                         f"but the file has {size} bytes: truncated or corrupt")
+        raise ValueError(
+            f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
+            f"but the file has {size} bytes: truncated or corrupt"
+        )
     return n

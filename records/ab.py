@@ -14,6 +14,7 @@ train-time ratio B/A with their mean and its 95% confidence interval, and a one-
 t-test of "B is faster". Ctrl-C stops after the current run (a second one stops that run
 too) and compares what has finished.
 """
+
 import glob
 import os
 import re
@@ -25,6 +26,7 @@ import warnings
 from datetime import datetime, timedelta
 
 import compare  # also puts the repository root on sys.path
+
 from data.flags import FlagParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +58,19 @@ def launcher(flags):
             listing = ""
         nproc = str(sum(line.startswith("GPU") for line in listing.splitlines()))
     if nproc == "0":
-        raise SystemExit("ab.py: no GPU found (nvidia-smi, CUDA_VISIBLE_DEVICES, NPROC_PER_NODE); set NPROC_PER_NODE, "
-                         "or pass -- --device=cpu to run on the CPU")
+        raise SystemExit(
+            "ab.py: no GPU found (nvidia-smi, CUDA_VISIBLE_DEVICES, NPROC_PER_NODE); set NPROC_PER_NODE, "
+            "or pass -- --device=cpu to run on the CPU"
+        )
     # Loopback for the workers' store, as run.sh: one machine needs no hostname lookup, which fails in some containers.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-            f"--nproc_per_node={nproc}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--local-addr=127.0.0.1",
+        f"--nproc_per_node={nproc}",
+    ]
 
 
 def paired_timing(pairs):
@@ -71,15 +81,23 @@ def paired_timing(pairs):
 
     a, b = np.array(pairs, dtype=float).reshape(-1, 2).T
     ratios = b / a
-    out = {"ratios": ratios.tolist(), "mean_ratio": float(ratios.mean()) if len(ratios) else None,
-           "ci95": None, "t": None, "p_b_faster": None}
+    out = {
+        "ratios": ratios.tolist(),
+        "mean_ratio": float(ratios.mean()) if len(ratios) else None,
+        "ci95": None,
+        "t": None,
+        "p_b_faster": None,
+    }
     if len(ratios) >= 2:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # identical ratios give a zero-width interval, which is right
             half = stats.t.ppf(0.975, len(ratios) - 1) * stats.sem(ratios)
             res = stats.ttest_rel(b, a, alternative="less")
-        out.update(ci95=[float(ratios.mean() - half), float(ratios.mean() + half)], t=float(res.statistic),
-                   p_b_faster=float(res.pvalue))
+        out.update(
+            ci95=[float(ratios.mean() - half), float(ratios.mean() + half)],
+            t=float(res.statistic),
+            p_b_faster=float(res.pvalue),
+        )
     return out
 
 
@@ -111,8 +129,10 @@ def progress(k, n, side, pair, started, durations):
         eta = f"ETA {timedelta(seconds=round(left))} left, done at {datetime.now() + timedelta(seconds=left):%H:%M}"
     else:
         eta = "ETA after the first run"
-    print(f"ab.py: run {k}/{n}: {side.upper()} (pair {pair}), {timedelta(seconds=round(elapsed))} elapsed, {eta}",
-          flush=True)
+    print(
+        f"ab.py: run {k}/{n}: {side.upper()} (pair {pair}), {timedelta(seconds=round(elapsed))} elapsed, {eta}",
+        flush=True,
+    )
 
 
 def report(scripts, logs, target=3.28):
@@ -127,30 +147,43 @@ def report(scripts, logs, target=3.28):
     done = {path: run.train_time_ms for path, run in runs.items() if run.complete}
     pairs = [(done[a], done[b]) for a, b in zip(logs["a"], logs["b"]) if a in done and b in done]
     timing = paired_timing(pairs)
-    lines = [f"pair {i}: B/A = {r:.4f} (A {a / 1000:.2f}s, B {b / 1000:.2f}s)"
-             for i, (r, (a, b)) in enumerate(zip(timing["ratios"], pairs), 1)]
+    lines = [
+        f"pair {i}: B/A = {r:.4f} (A {a / 1000:.2f}s, B {b / 1000:.2f}s)"
+        for i, (r, (a, b)) in enumerate(zip(timing["ratios"], pairs), 1)
+    ]
     if timing["ci95"]:
         lo, hi = timing["ci95"]
-        lines += [f"mean B/A = {timing['mean_ratio']:.4f}, 95% CI {lo:.4f} to {hi:.4f} (t over {len(pairs)} pairs)",
-                  f"paired t-test, B faster than A (one-sided): t = {timing['t']:.3f}, p = {timing['p_b_faster']:.3g}"]
+        lines += [
+            f"mean B/A = {timing['mean_ratio']:.4f}, 95% CI {lo:.4f} to {hi:.4f} (t over {len(pairs)} pairs)",
+            f"paired t-test, B faster than A (one-sided): t = {timing['t']:.3f}, p = {timing['p_b_faster']:.3g}",
+        ]
     else:
         lines.append(f"a confidence interval needs >= 2 finished pairs (has {len(pairs)})")
     folders = [sorted({os.path.dirname(p) for p in logs[side] if p}) for side in "ab"]
-    lines.append(f"again, with plots: python records/compare.py {' '.join(folders[0])} {' '.join(folders[1])} "
-                 f"--plot ab.png")
-    print("\n" + compare.section("paired timing (A B B A on this machine)", compare.bullets(lines, False), False))
+    lines.append(
+        f"again, with plots: python records/compare.py {' '.join(folders[0])} {' '.join(folders[1])} "
+        f"--plot ab.png"
+    )
+    print(
+        "\n"
+        + compare.section("paired timing (A B B A on this machine)", compare.bullets(lines, False), False)
+    )
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    ap = FlagParser(description="Time two variants of train_gpt2.py interleaved (A B B A ...) on this "
-                                             "machine and compare them. Trainer flags go after --.")
+    ap = FlagParser(
+        description="Time two variants of train_gpt2.py interleaved (A B B A ...) on this "
+        "machine and compare them. Trainer flags go after --."
+    )
     ap.add_argument("a", help="the baseline script, e.g. train_gpt2.py")
     ap.add_argument("b", help="the candidate script")
     ap.add_argument("--pairs", type=int, required=True, help="number of A/B pairs (2 runs each)")
-    ap.add_argument("--name", default="ab", help="records go to <records_dir>/<date>_<name>_a/ and _b/ (default ab)")
-    args, flags = ap.parse_args(argv[:split]), argv[split + 1:]
+    ap.add_argument(
+        "--name", default="ab", help="records go to <records_dir>/<date>_<name>_a/ and _b/ (default ab)"
+    )
+    args, flags = ap.parse_args(argv[:split]), argv[split + 1 :]
     scripts = {"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)}
     for path in scripts.values():
         if not os.path.isfile(path):
@@ -163,8 +196,10 @@ def main(argv=None):
         raise SystemExit("ab.py: --run_name is set by ab.py (<name>_a, <name>_b); use --name instead")
     records_dir = os.path.join(ROOT, flag_value(flags, "records_dir") or "records")  # the runs start in ROOT
     command = launcher(flags)
-    if flag_value(flags, "input_bin") is None and subprocess.run([sys.executable, "data/cached_fineweb10B.py"],
-                                                                 cwd=ROOT).returncode:
+    if (
+        flag_value(flags, "input_bin") is None
+        and subprocess.run([sys.executable, "data/cached_fineweb10B.py"], cwd=ROOT).returncode
+    ):
         raise SystemExit("ab.py: fetching the data failed (above); pass --input_bin to use your own shards")
 
     order = [side for pair in range(args.pairs) for side in ("ab" if pair % 2 == 0 else "ba")]
@@ -178,18 +213,25 @@ def main(argv=None):
         ours = [f"--run_name={run_name}"]
         if flag_value(flags, "records_dir") is None:
             ours.append(f"--records_dir={records_dir}")
-        if flag_value(flags, "seed") is None:  # a new seed per pair, the same for A and B: seeds vary, pairs match
+        if (
+            flag_value(flags, "seed") is None
+        ):  # a new seed per pair, the same for A and B: seeds vary, pairs match
             ours.append(f"--seed={pair - 1}")
         # Its own session: a Ctrl-C in the terminal reaches only ab.py, which lets the run finish.
-        stop.child = subprocess.Popen(command + [scripts[side], *flags, *ours], cwd=ROOT, start_new_session=True)
+        stop.child = subprocess.Popen(
+            command + [scripts[side], *flags, *ours], cwd=ROOT, start_new_session=True
+        )
         code = stop.child.wait()
         durations.append(time.monotonic() - t0)
         written = sorted(records_of(records_dir, run_name) - before)
         logs[side].append(written[0] if written else None)
         if code or not written:
             outcome = code or 1
-            print(f"ab.py: run {k} ({side.upper()}) ended with exit status {code}"
-                  f"{'' if written else ' and wrote no record'}; stopping", flush=True)
+            print(
+                f"ab.py: run {k} ({side.upper()}) ended with exit status {code}"
+                f"{'' if written else ' and wrote no record'}; stopping",
+                flush=True,
+            )
             break
         if stop.signal:
             outcome = 128 + stop.signal

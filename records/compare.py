@@ -11,6 +11,7 @@ environment with nvidia-smi, '=', the step lines, 'peak memory consumption: N Mi
 last 'summary:' line). Problems with a log are warnings on stderr naming the file; a file
 that is no run log at all is refused.
 """
+
 import difflib
 import itertools
 import json
@@ -28,8 +29,18 @@ DIVIDER = "=" * 100
 KNOWN = ("summary:", "peak memory", "resumed_from:", "stopped:", "checkpoint:")  # recognised non-step lines
 LOG_SUFFIXES = (".txt", ".log")
 # Per-run bookkeeping flags: runs that differ only in these are one configuration.
-RUN_FLAGS = {"seed", "run_name", "records_dir", "checkpoint_dir", "save_every", "save_every_minutes",
-             "keep_checkpoints", "resume", "memory_limit_gb", "progress_seconds"}
+RUN_FLAGS = {
+    "seed",
+    "run_name",
+    "records_dir",
+    "checkpoint_dir",
+    "save_every",
+    "save_every_minutes",
+    "keep_checkpoints",
+    "resume",
+    "memory_limit_gb",
+    "progress_seconds",
+}
 # A GPU row of the nvidia-smi table: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |".
 GPU_ROW = re.compile(r"^\|\s+\d+\s+(.+?)\s+(?:On|Off)\s+\|\s+[0-9A-Fa-f]+:[0-9A-Fa-f]+:")
 ALPHA = 0.01  # the speedrun's significance level for a record claim
@@ -80,8 +91,11 @@ class Run:
     @property
     def config(self):
         """What makes two runs one configuration: script, hyperparameters (not RUN_FLAGS) and total steps."""
-        return (tuple(self.source), tuple(sorted(kv for kv in self.hparams.items() if kv[0] not in RUN_FLAGS)),
-                self.total_steps)
+        return (
+            tuple(self.source),
+            tuple(sorted(kv for kv in self.hparams.items() if kv[0] not in RUN_FLAGS)),
+            self.total_steps,
+        )
 
     @property
     def machine(self):
@@ -93,8 +107,10 @@ class Run:
     def setup(self):
         """Machine and software, the things that make timings comparable."""
         cuda = self.env.get("cuda", "none")
-        return ", ".join([self.machine or "machine unknown", f"PyTorch {self.env.get('pytorch', 'unknown')}"]
-                         + ([f"CUDA {cuda}"] if cuda.lower() != "none" else []))  # a CPU build says None
+        return ", ".join(
+            [self.machine or "machine unknown", f"PyTorch {self.env.get('pytorch', 'unknown')}"]
+            + ([f"CUDA {cuda}"] if cuda.lower() != "none" else [])
+        )  # a CPU build says None
 
 
 def parse_environment(lines):
@@ -123,8 +139,8 @@ def split_layout(path, lines):
         return [], [], lines
     if len(cuts) == 1:
         warn(path, "only one line of 100 '=': environment not separated from the steps")
-        return lines[: cuts[0]], [], lines[cuts[0] + 1:]
-    return lines[: cuts[-2]], lines[cuts[-2] + 1: cuts[-1]], lines[cuts[-1] + 1:]
+        return lines[: cuts[0]], [], lines[cuts[0] + 1 :]
+    return lines[: cuts[-2]], lines[cuts[-2] + 1 : cuts[-1]], lines[cuts[-1] + 1 :]
 
 
 def parse_log(path, target):
@@ -139,16 +155,22 @@ def parse_log(path, target):
     # A run killed mid-write leaves a last line without its newline: its number may be cut short.
     cut_off = not raw.endswith(b"\n") and not any(line.startswith("summary:") for line in lines)
     if cut_off:
-        warn(path, f"the log ends mid-line ({lines[-1][-40:]!r}, no newline, no summary: line): the run was cut "
-                   "off while writing; that line is ignored and the run counts as incomplete")
+        warn(
+            path,
+            f"the log ends mid-line ({lines[-1][-40:]!r}, no newline, no summary: line): the run was cut "
+            "off while writing; that line is ignored and the run counts as incomplete",
+        )
         lines = lines[:-1]
     run = Run(path)
     run.source, env, steps = split_layout(path, lines)
     run.env = parse_environment(env)
-    flags = env[env.index("Hyperparameters:") + 1:] if "Hyperparameters:" in env else []
+    flags = env[env.index("Hyperparameters:") + 1 :] if "Hyperparameters:" in env else []
     # The block ends at the first other line: notes below it may start with -- too.
-    run.hparams = dict(line[2:].split("=", 1) for line in itertools.takewhile(lambda x: x.startswith("--"), flags)
-                       if "=" in line)
+    run.hparams = dict(
+        line[2:].split("=", 1)
+        for line in itertools.takewhile(lambda x: x.startswith("--"), flags)
+        if "=" in line
+    )
 
     last, bad, unknown, stopped = None, [], [], ""
     for line in steps:
@@ -241,8 +263,15 @@ def differences(run, other):
     """What sets run's configuration apart from other's: 'source', flag names, 'total steps'."""
     ha, hb = run.hparams, other.hparams
     flags = sorted(k for k in {**ha, **hb} if k not in RUN_FLAGS and ha.get(k) != hb.get(k))
-    return (["source"] if run.source != other.source else []) + flags + (
-        [f"total steps {run.total_steps} vs {other.total_steps}"] if run.total_steps != other.total_steps else [])
+    return (
+        (["source"] if run.source != other.source else [])
+        + flags
+        + (
+            [f"total steps {run.total_steps} vs {other.total_steps}"]
+            if run.total_steps != other.total_steps
+            else []
+        )
+    )
 
 
 def pick_runs(path, runs, pool):
@@ -254,14 +283,23 @@ def pick_runs(path, runs, pool):
     groups = sorted(groups.values(), key=lambda g: first not in g)  # the first finished run's comes first
     if len(groups) == 1:
         return runs, groups
-    listing = "".join(f"\n  configuration {i}: {len(g)} run(s)"
-                      + (f", differs from 1 in {', '.join(differences(g[0], groups[0][0]))}" if i > 1 else "")
-                      + f": {', '.join(os.path.basename(r.path) for r in g)}" for i, g in enumerate(groups, 1))
+    listing = "".join(
+        f"\n  configuration {i}: {len(g)} run(s)"
+        + (f", differs from 1 in {', '.join(differences(g[0], groups[0][0]))}" if i > 1 else "")
+        + f": {', '.join(os.path.basename(r.path) for r in g)}"
+        for i, g in enumerate(groups, 1)
+    )
     used = runs if pool else groups[0]
-    use = "--pool: statistics pool them all" if pool else \
-        "statistics use configuration 1, the first finished run's (--pool pools them)"
-    warn(path, f"{len(runs)} runs hold {len(groups)} configurations (script source, hyperparameters or total steps "
-               f"differ); {use}:{listing}")
+    use = (
+        "--pool: statistics pool them all"
+        if pool
+        else "statistics use configuration 1, the first finished run's (--pool pools them)"
+    )
+    warn(
+        path,
+        f"{len(runs)} runs hold {len(groups)} configurations (script source, hyperparameters or total steps "
+        f"differ); {use}:{listing}",
+    )
     return used, groups
 
 
@@ -269,7 +307,11 @@ def describe(xs):
     import numpy as np
 
     xs = np.array([x for x in xs if finite(x)], dtype=float)
-    return {"mean": xs.mean() if xs.size else None, "std": xs.std(ddof=1) if xs.size > 1 else None, "n": int(xs.size)}
+    return {
+        "mean": xs.mean() if xs.size else None,
+        "std": xs.std(ddof=1) if xs.size > 1 else None,
+        "n": int(xs.size),
+    }
 
 
 def p_below(vals, target):
@@ -313,8 +355,14 @@ def val_by_step(runs):
 
 def earliest_significant_step(runs, target):
     """The first val step at which the runs' losses are below target with p < ALPHA, or None."""
-    return next((s for s, points in val_by_step(runs).items()
-                 if len(points) >= 2 and p_below([v for v, _ in points], target)[1] < ALPHA), None)
+    return next(
+        (
+            s
+            for s, points in val_by_step(runs).items()
+            if len(points) >= 2 and p_below([v for v, _ in points], target)[1] < ALPHA
+        ),
+        None,
+    )
 
 
 def side_report(path, runs, target, pool):
@@ -322,23 +370,32 @@ def side_report(path, runs, target, pool):
     used, groups = pick_runs(path, runs, pool)
     done = [r for r in used if r.complete and finite(r.final_val)]
     if len(done) < len(used):
-        warn(path, f"{len(used) - len(done)} of {len(used)} run(s) left out of val-loss and train-time "
-                   "statistics (ended early, cut off or non-finite loss)")
+        warn(
+            path,
+            f"{len(used) - len(done)} of {len(used)} run(s) left out of val-loss and train-time "
+            "statistics (ended early, cut off or non-finite loss)",
+        )
     vals = [r.final_val for r in done]
     test = {"t": None, "p": None, "verdict": f"needs >= 2 finished runs (has {len(vals)})"}
     plan = {"runs_needed": None, "note": f"needs >= 2 finished runs to measure the spread (has {len(vals)})"}
     if len(vals) >= 2:
         test["t"], test["p"] = p_below(vals, target)
         significant = test["p"] < ALPHA
-        test["verdict"] = f"mean < {target} with p < {ALPHA}" if significant else f"not significant (p >= {ALPHA})"
+        test["verdict"] = (
+            f"mean < {target} with p < {ALPHA}" if significant else f"not significant (p >= {ALPHA})"
+        )
         st = describe(vals)
         plan["runs_needed"] = runs_needed(st["mean"], st["std"], target)
         if plan["runs_needed"] is None:
-            plan["note"] = f"mean {st['mean']:.4f} is not below {target}: no number of runs will give p < {ALPHA}"
+            plan["note"] = (
+                f"mean {st['mean']:.4f} is not below {target}: no number of runs will give p < {ALPHA}"
+            )
         else:
             more = max(0, plan["runs_needed"] - len(vals))
-            plan["note"] = (f"p = {test['p']:.3g} now with {len(vals)} runs; p < {ALPHA} needs "
-                            f"{plan['runs_needed']} runs at this mean and std{f' ({more} more)' if more else ''}")
+            plan["note"] = (
+                f"p = {test['p']:.3g} now with {len(vals)} runs; p < {ALPHA} needs "
+                f"{plan['runs_needed']} runs at this mean and std{f' ({more} more)' if more else ''}"
+            )
     setups = {}
     for r in used:
         setups[r.setup] = setups.get(r.setup, 0) + 1
@@ -346,14 +403,29 @@ def side_report(path, runs, target, pool):
         "path": path,
         "environment": [{"setup": s, "runs": n} for s, n in setups.items()],
         "configurations": [[r.path for r in g] for g in groups],
-        "runs": [{"file": r.path, "configuration": next(i for i, g in enumerate(groups, 1) if r in g),
-                  "used": r in used, "steps": r.last_step, "total_steps": r.total_steps, "complete": r.complete,
-                  "val_loss": r.last_val, "train_time_ms": r.train_time_ms, "ms_per_step": r.ms_per_step,
-                  "target_step": r.target_step, "target_time_ms": r.target_time_ms} for r in runs],
-        "stats": {"val_loss": describe(vals), "train_time_ms": describe([r.train_time_ms for r in done]),
-                  "ms_per_step": describe([r.ms_per_step for r in used]),
-                  "target_step": describe([r.target_step for r in used]),
-                  "target_time_ms": describe([r.target_time_ms for r in used])},
+        "runs": [
+            {
+                "file": r.path,
+                "configuration": next(i for i, g in enumerate(groups, 1) if r in g),
+                "used": r in used,
+                "steps": r.last_step,
+                "total_steps": r.total_steps,
+                "complete": r.complete,
+                "val_loss": r.last_val,
+                "train_time_ms": r.train_time_ms,
+                "ms_per_step": r.ms_per_step,
+                "target_step": r.target_step,
+                "target_time_ms": r.target_time_ms,
+            }
+            for r in runs
+        ],
+        "stats": {
+            "val_loss": describe(vals),
+            "train_time_ms": describe([r.train_time_ms for r in done]),
+            "ms_per_step": describe([r.ms_per_step for r in used]),
+            "target_step": describe([r.target_step for r in used]),
+            "target_time_ms": describe([r.target_time_ms for r in used]),
+        },
         "below_target_test": test,
         "planner": plan,
         "earliest_significant_step": earliest_significant_step(done, target),
@@ -364,7 +436,9 @@ def compare_sides(ra, used_a, rb, used_b):
     """B against A: code and flag diff, machines, time ratios, Welch's t-test on final val loss."""
     from scipy import stats
 
-    a0, b0 = (next((r for r in used if r.complete), used[0]) for used in (used_a, used_b))  # first finished run
+    a0, b0 = (
+        next((r for r in used if r.complete), used[0]) for used in (used_a, used_b)
+    )  # first finished run
     diff = "\n".join(difflib.unified_diff(a0.source, b0.source, a0.path, b0.path, lineterm=""))
     ha, hb = a0.hparams, b0.hparams
     hdiff = {k: [ha.get(k), hb.get(k)] for k in {**ha, **hb} if k not in RUN_FLAGS and ha.get(k) != hb.get(k)}
@@ -384,12 +458,19 @@ def compare_sides(ra, used_a, rb, used_b):
             res = stats.ttest_ind(vb, va, equal_var=False)
         welch.update(t=float(res.statistic), p=float(res.pvalue))
     ta, tb = sa["train_time_ms"]["mean"], sb["train_time_ms"]["mean"]
-    setups_a, setups_b = ({r.machine and (r.machine, r.env.get("pytorch")) for r in used} for used in (used_a, used_b))
+    setups_a, setups_b = (
+        {r.machine and (r.machine, r.env.get("pytorch")) for r in used} for used in (used_a, used_b)
+    )
     known = None not in setups_a | setups_b
-    return {"code_diff": diff, "hyperparameter_diff": hdiff,
-            "train_time_ratio": ratio("train_time_ms"), "ms_per_step_ratio": ratio("ms_per_step"),
-            "train_time_diff_ms": tb - ta if finite(ta) and finite(tb) else None, "welch_val_loss": welch,
-            "timings_comparable": (setups_a == setups_b and len(setups_a) == 1) if known else None}
+    return {
+        "code_diff": diff,
+        "hyperparameter_diff": hdiff,
+        "train_time_ratio": ratio("train_time_ms"),
+        "ms_per_step_ratio": ratio("ms_per_step"),
+        "train_time_diff_ms": tb - ta if finite(ta) and finite(tb) else None,
+        "welch_val_loss": welch,
+        "timings_comparable": (setups_a == setups_b and len(setups_a) == 1) if known else None,
+    }
 
 
 def build_report(sides, target, pool=False):
@@ -399,8 +480,11 @@ def build_report(sides, target, pool=False):
     names = ["A", "B"] if len(sides) == 2 else ["base"] + [f"V{i}" for i in range(1, len(sides))]
     for name, rep in zip(names, reps):
         rep["name"] = name
-    return {"target": target, "sides": list(reps),
-            "comparisons": [compare_sides(reps[0], used[0], reps[i], used[i]) for i in range(1, len(sides))]}, used
+    return {
+        "target": target,
+        "sides": list(reps),
+        "comparisons": [compare_sides(reps[0], used[0], reps[i], used[i]) for i in range(1, len(sides))],
+    }, used
 
 
 def fmt(x, spec=".4f", scale=1.0, unit=""):
@@ -411,11 +495,19 @@ def table(rows, md, left=2):
     """Aligned text columns (the first `left` left-aligned, the numbers right-aligned), or a Markdown table."""
     if md:
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-        return "\n".join(cells[:1] + ["|" + "|".join(":--" if i < left else "--:" for i in range(len(rows[0]))) + "|"]
-                         + cells[1:])
+        return "\n".join(
+            cells[:1]
+            + ["|" + "|".join(":--" if i < left else "--:" for i in range(len(rows[0]))) + "|"]
+            + cells[1:]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in
-                                      enumerate(zip(r, widths))).rstrip() for r in rows)
+    return "\n".join(
+        "  "
+        + "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in rows
+    )
 
 
 def section(title, body, md):
@@ -431,12 +523,17 @@ def mean_std(s, spec, scale=1.0, unit=""):
 
 
 def environment_lines(rep):
-    lines = [f"{s['name']}: " + "; ".join(f"{e['setup']} ({e['runs']} run{'s' * (e['runs'] > 1)})"
-                                          for e in s["environment"]) for s in rep["sides"]]
+    lines = [
+        f"{s['name']}: "
+        + "; ".join(f"{e['setup']} ({e['runs']} run{'s' * (e['runs'] > 1)})" for e in s["environment"])
+        for s in rep["sides"]
+    ]
     for side, c in zip(rep["sides"][1:], rep["comparisons"]):
         if c["timings_comparable"] is False:
-            lines.append(f"timings are not comparable: {rep['sides'][0]['name']} and {side['name']} ran on different "
-                         "GPUs or PyTorch versions (above); time both on one machine (records/ab.py)")
+            lines.append(
+                f"timings are not comparable: {rep['sides'][0]['name']} and {side['name']} ran on different "
+                "GPUs or PyTorch versions (above); time both on one machine (records/ab.py)"
+            )
     return lines
 
 
@@ -448,63 +545,120 @@ def render(rep, md=False):
     a, b = rep["sides"]
     c = rep["comparisons"][0]
     diff = c["code_diff"]
-    out.append(section("code diff (first finished run of each side)",
-                       (f"```diff\n{diff}\n```" if md else diff) if diff else "(script sources identical)", md))
+    out.append(
+        section(
+            "code diff (first finished run of each side)",
+            (f"```diff\n{diff}\n```" if md else diff) if diff else "(script sources identical)",
+            md,
+        )
+    )
     if c["hyperparameter_diff"]:
-        out.append(section("hyperparameters (A -> B)", table(
-            [["flag", "A", "", "B"]] + [[k, "-" if x is None else x, "->", "-" if y is None else y]
-                                        for k, (x, y) in sorted(c["hyperparameter_diff"].items())], md), md))
+        out.append(
+            section(
+                "hyperparameters (A -> B)",
+                table(
+                    [["flag", "A", "", "B"]]
+                    + [
+                        [k, "-" if x is None else x, "->", "-" if y is None else y]
+                        for k, (x, y) in sorted(c["hyperparameter_diff"].items())
+                    ],
+                    md,
+                ),
+                md,
+            )
+        )
     out.append(section("environment", bullets(environment_lines(rep), md), md))
     several = any(len(s["configurations"]) > 1 for s in rep["sides"])
-    rows = [["side", "run", "steps", "val_loss", "train_time", "ms/step", f"step@{tgt}", f"time@{tgt}"]
-            + ["configuration"] * several]
+    rows = [
+        ["side", "run", "steps", "val_loss", "train_time", "ms/step", f"step@{tgt}", f"time@{tgt}"]
+        + ["configuration"] * several
+    ]
     for side in (a, b):
         for r in side["runs"]:
             steps = f"{r['steps']}/{r['total_steps']}" + ("" if r["complete"] else " early")
-            rows.append([side["name"], os.path.basename(r["file"])[:28], steps, fmt(r["val_loss"]),
-                         fmt(r["train_time_ms"], ".1f", 1e-3, "s"), fmt(r["ms_per_step"], ".2f"),
-                         fmt(r["target_step"], ".1f"), fmt(r["target_time_ms"], ".1f", 1e-3, "s")]
-                        + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several)
+            rows.append(
+                [
+                    side["name"],
+                    os.path.basename(r["file"])[:28],
+                    steps,
+                    fmt(r["val_loss"]),
+                    fmt(r["train_time_ms"], ".1f", 1e-3, "s"),
+                    fmt(r["ms_per_step"], ".2f"),
+                    fmt(r["target_step"], ".1f"),
+                    fmt(r["target_time_ms"], ".1f", 1e-3, "s"),
+                ]
+                + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several
+            )
     out.append(section("runs (step@ and time@ interpolated between val points)", table(rows, md), md))
     rows = [["", "A: " + a["path"], "B: " + b["path"]]]
-    for key, label, spec, scale, unit in [("val_loss", "final val loss", ".4f", 1, ""),
-                                          ("train_time_ms", "train time", ".1f", 1e-3, "s"),
-                                          ("ms_per_step", "ms/step", ".2f", 1, ""),
-                                          ("target_step", f"step@{tgt}", ".1f", 1, ""),
-                                          ("target_time_ms", f"time@{tgt}", ".1f", 1e-3, "s")]:
+    for key, label, spec, scale, unit in [
+        ("val_loss", "final val loss", ".4f", 1, ""),
+        ("train_time_ms", "train time", ".1f", 1e-3, "s"),
+        ("ms_per_step", "ms/step", ".2f", 1, ""),
+        ("target_step", f"step@{tgt}", ".1f", 1, ""),
+        ("target_time_ms", f"time@{tgt}", ".1f", 1e-3, "s"),
+    ]:
         rows.append([label, *(mean_std(s["stats"][key], spec, scale, unit) for s in (a, b))])
     out.append(section("sides: mean ± std (n)", table(rows, md, left=1), md))
     w = c["welch_val_loss"]
-    lines = [f"train time B/A: {fmt(c['train_time_ratio'])}   ms/step B/A: {fmt(c['ms_per_step_ratio'])}",
-             f"Welch t-test, final val loss B - A = {fmt(w['mean_diff'], '+.4f')}: "
-             f"t = {fmt(w['t'], '.3f')}, p = {fmt(w['p'], '.3g')} (two-sided)"]
+    lines = [
+        f"train time B/A: {fmt(c['train_time_ratio'])}   ms/step B/A: {fmt(c['ms_per_step_ratio'])}",
+        f"Welch t-test, final val loss B - A = {fmt(w['mean_diff'], '+.4f')}: "
+        f"t = {fmt(w['t'], '.3f')}, p = {fmt(w['p'], '.3g')} (two-sided)",
+    ]
     for s in (a, b):
         t, step = s["below_target_test"], s["earliest_significant_step"]
-        lines += [f"{s['name']}: mean final val < {tgt}: t = {fmt(t['t'], '.3f')}, p = {fmt(t['p'], '.3g')}"
-                  f" (one-sided) -> {t['verdict']}",
-                  f"{s['name']}: planner: {s['planner']['note']}",
-                  f"{s['name']}: below {tgt} with p < {ALPHA} " + (f"from val step {step} on" if step is not None
-                                                                   else "at no val step")]
+        lines += [
+            f"{s['name']}: mean final val < {tgt}: t = {fmt(t['t'], '.3f')}, p = {fmt(t['p'], '.3g')}"
+            f" (one-sided) -> {t['verdict']}",
+            f"{s['name']}: planner: {s['planner']['note']}",
+            f"{s['name']}: below {tgt} with p < {ALPHA} "
+            + (f"from val step {step} on" if step is not None else "at no val step"),
+        ]
     out.append(section("comparison", bullets(lines, md), md))
     return "\n\n".join(out)
 
 
 def render_variants(rep, md):
     tgt, base = rep["target"], rep["sides"][0]
-    rows = [["side", "path", "runs", "final val", "Δ val", "Welch p", "train time", "Δ time", "time ratio",
-             f"p(mean<{tgt})"]]
+    rows = [
+        [
+            "side",
+            "path",
+            "runs",
+            "final val",
+            "Δ val",
+            "Welch p",
+            "train time",
+            "Δ time",
+            "time ratio",
+            f"p(mean<{tgt})",
+        ]
+    ]
     for s, c in zip(rep["sides"], [None] + rep["comparisons"]):
         st = s["stats"]
-        rows.append([s["name"], s["path"], str(len(s["runs"])), mean_std(st["val_loss"], ".4f"),
-                     fmt(c and c["welch_val_loss"]["mean_diff"], "+.4f"), fmt(c and c["welch_val_loss"]["p"], ".3g"),
-                     fmt(st["train_time_ms"]["mean"], ".1f", 1e-3, "s"),
-                     fmt(c and c["train_time_diff_ms"], "+.1f", 1e-3, "s"), fmt(c and c["train_time_ratio"]),
-                     fmt(s["below_target_test"]["p"], ".3g")])
+        rows.append(
+            [
+                s["name"],
+                s["path"],
+                str(len(s["runs"])),
+                mean_std(st["val_loss"], ".4f"),
+                fmt(c and c["welch_val_loss"]["mean_diff"], "+.4f"),
+                fmt(c and c["welch_val_loss"]["p"], ".3g"),
+                fmt(st["train_time_ms"]["mean"], ".1f", 1e-3, "s"),
+                fmt(c and c["train_time_diff_ms"], "+.1f", 1e-3, "s"),
+                fmt(c and c["train_time_ratio"]),
+                fmt(s["below_target_test"]["p"], ".3g"),
+            ]
+        )
     planner = [f"{s['name']}: planner: {s['planner']['note']}" for s in rep["sides"]]
-    return "\n\n".join([section("environment", bullets(environment_lines(rep), md), md),
-                        section(f"variants against the base ({base['path']}); Δ = variant - base", table(rows, md),
-                                md),
-                        section("planner", bullets(planner, md), md)])
+    return "\n\n".join(
+        [
+            section("environment", bullets(environment_lines(rep), md), md),
+            section(f"variants against the base ({base['path']}); Δ = variant - base", table(rows, md), md),
+            section("planner", bullets(planner, md), md),
+        ]
+    )
 
 
 def mean_curve(runs):
@@ -530,7 +684,9 @@ def check_plot_path(path):
         raise SystemExit(f"compare.py: --plot {path}: {kind}; end the name in .png, .pdf or .svg")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise SystemExit(f"compare.py: --plot {path}: folder {folder} does not exist; create it or pick another path")
+        raise SystemExit(
+            f"compare.py: --plot {path}: folder {folder} does not exist; create it or pick another path"
+        )
     if os.path.isdir(path) or not os.access(folder, os.W_OK):
         raise SystemExit(f"compare.py: --plot {path}: cannot write there; pick another path")
 
@@ -558,8 +714,14 @@ def plot(sides, target, out_path):
             if near:  # from the val point before the curve enters the zoom
                 zoom_from[col] = min(zoom_from[col], x[max(0, near[0] - 1)])
             for ax in axes[:, col]:
-                ax.plot(x, mean, color=color, lw=1.4, marker="." if len(x) <= 80 else None,
-                        label=f"{label} ({len(runs)} run{'s' * (len(runs) > 1)})")
+                ax.plot(
+                    x,
+                    mean,
+                    color=color,
+                    lw=1.4,
+                    marker="." if len(x) <= 80 else None,
+                    label=f"{label} ({len(runs)} run{'s' * (len(runs) > 1)})",
+                )
                 if len(runs) > 1:
                     ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
     for row, col in ((0, 0), (0, 1), (1, 0), (1, 1)):
@@ -569,7 +731,9 @@ def plot(sides, target, out_path):
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[0]:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=10))  # the view spans < 1.5x: plain ticks read best
+        ax.yaxis.set_major_locator(
+            ticker.MaxNLocator(nbins=10)
+        )  # the view spans < 1.5x: plain ticks read best
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"val loss vs {ax.get_xlabel()} (mean, band min-max)")
@@ -605,19 +769,33 @@ def jsonable(x):
 
 
 def main(argv=None):
-    ap = FlagParser(description="Compare speedrun records (log files or folders of logs): a baseline "
-                                             "and one candidate in full, or a baseline and several variants.")
-    ap.add_argument("sides", nargs="+", metavar="SIDE",
-                    help="the baseline, then one or more candidates: each a run log or a folder of run logs")
+    ap = FlagParser(
+        description="Compare speedrun records (log files or folders of logs): a baseline "
+        "and one candidate in full, or a baseline and several variants."
+    )
+    ap.add_argument(
+        "sides",
+        nargs="+",
+        metavar="SIDE",
+        help="the baseline, then one or more candidates: each a run log or a folder of run logs",
+    )
     ap.add_argument("--target", type=float, default=3.28, help="val loss target (default 3.28)")
-    ap.add_argument("--pool", action="store_true", help="pool a side's runs even when their configurations differ")
+    ap.add_argument(
+        "--pool", action="store_true", help="pool a side's runs even when their configurations differ"
+    )
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the numbers as JSON instead of tables")
-    out.add_argument("--markdown", action="store_true", help="print the tables in Markdown (for a README or a PR)")
-    ap.add_argument("--plot", metavar="OUT.png", help="draw val loss against step and train time (.png, .pdf, .svg)")
+    out.add_argument(
+        "--markdown", action="store_true", help="print the tables in Markdown (for a README or a PR)"
+    )
+    ap.add_argument(
+        "--plot", metavar="OUT.png", help="draw val loss against step and train time (.png, .pdf, .svg)"
+    )
     args = ap.parse_args(argv)
     if len(args.sides) < 2:
-        raise SystemExit("compare.py: give a baseline and at least one candidate (two or more logs or folders)")
+        raise SystemExit(
+            "compare.py: give a baseline and at least one candidate (two or more logs or folders)"
+        )
     if not math.isfinite(args.target) or args.target <= 0:
         raise SystemExit(f"compare.py: --target {args.target}: give a finite val loss above 0, such as 3.28")
     if args.plot:
@@ -627,7 +805,11 @@ def main(argv=None):
     report = jsonable(report)
     print(json.dumps(report, indent=2) if args.json else render(report, args.markdown))
     if args.plot:
-        plot([(f"{s['name']}: {s['path']}", runs) for s, runs in zip(report["sides"], used)], args.target, args.plot)
+        plot(
+            [(f"{s['name']}: {s['path']}", runs) for s, runs in zip(report["sides"], used)],
+            args.target,
+            args.plot,
+        )
         print(f"compare.py: wrote {args.plot}", file=sys.stderr)
     return report
 

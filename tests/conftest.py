@@ -1,4 +1,5 @@
 """Shared helpers: synthetic shards in the real format, and tiny in-process training runs."""
+
 import glob
 import os
 import re
@@ -19,10 +20,22 @@ torch.set_num_threads(1)
 
 TINY_VOCAB = 256
 # A tiny model on the recipe's code path: 2 blocks, width 64, 2 heads of 32, sequences of 32 tokens.
-TINY_FLAGS = ["--num_layers=2", "--model_dim=64", "--num_heads=2", f"--vocab_size={TINY_VOCAB}", "--seq_len=32",
-              "--batch_size=8", "--device_batch_size=4", "--val_tokens=512", "--untimed_steps=2", "--device=cpu",
-              "--val_loss_every=5"]
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$", re.M)
+TINY_FLAGS = [
+    "--num_layers=2",
+    "--model_dim=64",
+    "--num_heads=2",
+    f"--vocab_size={TINY_VOCAB}",
+    "--seq_len=32",
+    "--batch_size=8",
+    "--device_batch_size=4",
+    "--val_tokens=512",
+    "--untimed_steps=2",
+    "--device=cpu",
+    "--val_loss_every=5",
+]
+STEP_LINE = re.compile(
+    r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$", re.M
+)
 
 
 def learnable_tokens(n, vocab=TINY_VOCAB, seed=0):
@@ -43,8 +56,12 @@ def shards(tmp_path):
     for i in (1, 2):
         write_shard(tmp_path / f"tiny_train_{i:06d}.bin", learnable_tokens(6000, seed=i))
     write_shard(tmp_path / "tiny_val_000000.bin", learnable_tokens(2000, seed=99))
-    return [f"--input_bin={tmp_path}/tiny_train_*.bin", f"--input_val_bin={tmp_path}/tiny_val_*.bin",
-            f"--records_dir={tmp_path}/records", f"--checkpoint_dir={tmp_path}/checkpoints"]
+    return [
+        f"--input_bin={tmp_path}/tiny_train_*.bin",
+        f"--input_val_bin={tmp_path}/tiny_val_*.bin",
+        f"--records_dir={tmp_path}/records",
+        f"--checkpoint_dir={tmp_path}/checkpoints",
+    ]
 
 
 def read_record(records_dir):

@@ -15,6 +15,7 @@ MFU counts the model's FLOPs per token as 6 * (non-embedding parameters) + 12 * 
 is a lookup), about 0.85 GFLOP for the full config, against --peak_tflops per device (989:
 H100 dense bf16).
 """
+
 import argparse
 import glob
 import json
@@ -40,14 +41,49 @@ DIVIDER = "=" * 100
 
 # Per preset: the trainer flags, default steps and untimed steps, and a memory ceiling to check (GiB; 0 = none).
 PRESETS = {
-    "full": dict(flags=["--batch_size=64", "--device_batch_size=64", "--val_tokens=65536", "--device=cuda",
-                        "--compile=true"], steps=50, untimed=10, max_memory_gb=0.0),
-    "full24gb": dict(flags=["--batch_size=512", "--device_batch_size=auto", "--memory_limit_gb=24",
-                            "--val_tokens=524288", "--device=cuda", "--compile=true"], steps=15, untimed=5,
-                     max_memory_gb=24.0),
-    "tiny": dict(flags=["--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256", "--seq_len=32",
-                        "--batch_size=8", "--device_batch_size=4", "--val_tokens=512", "--device=cpu",
-                        "--compile=false", "--progress_seconds=0"], steps=20, untimed=2, max_memory_gb=0.0),
+    "full": dict(
+        flags=[
+            "--batch_size=64",
+            "--device_batch_size=64",
+            "--val_tokens=65536",
+            "--device=cuda",
+            "--compile=true",
+        ],
+        steps=50,
+        untimed=10,
+        max_memory_gb=0.0,
+    ),
+    "full24gb": dict(
+        flags=[
+            "--batch_size=512",
+            "--device_batch_size=auto",
+            "--memory_limit_gb=24",
+            "--val_tokens=524288",
+            "--device=cuda",
+            "--compile=true",
+        ],
+        steps=15,
+        untimed=5,
+        max_memory_gb=24.0,
+    ),
+    "tiny": dict(
+        flags=[
+            "--num_layers=2",
+            "--model_dim=64",
+            "--num_heads=2",
+            "--vocab_size=256",
+            "--seq_len=32",
+            "--batch_size=8",
+            "--device_batch_size=4",
+            "--val_tokens=512",
+            "--device=cpu",
+            "--compile=false",
+            "--progress_seconds=0",
+        ],
+        steps=20,
+        untimed=2,
+        max_memory_gb=0.0,
+    ),
 }
 
 
@@ -60,7 +96,7 @@ def synthetic_tokens(n, vocab, noise_seed, period_seed=0):
 
     Train and val shards share the text (period_seed) and differ in their noise, so both losses fall."""
     ids = min(vocab, GPT2_VOCAB)
-    text = np.random.default_rng(period_seed).permutation(ids)[:min(1024, ids)]
+    text = np.random.default_rng(period_seed).permutation(ids)[: min(1024, ids)]
     tokens = np.resize(text, n).astype(np.int64)
     rng = np.random.default_rng(noise_seed)
     noisy = rng.random(n) < 0.1
@@ -72,10 +108,14 @@ def write_shards(folder, trainer_args, steps):
     """One train shard (at most 64 global batches: the loader cycles it) and one val shard; returns their globs."""
     os.makedirs(folder, exist_ok=True)
     step_tokens = trainer_args.batch_size * trainer_args.seq_len
-    write_shard(os.path.join(folder, "bench_train_000001.bin"),
-                synthetic_tokens(min(max(steps, 1), 64) * step_tokens + 1, trainer_args.vocab_size, noise_seed=1))
-    write_shard(os.path.join(folder, "bench_val_000000.bin"),
-                synthetic_tokens(trainer_args.val_tokens + 1, trainer_args.vocab_size, noise_seed=2))
+    write_shard(
+        os.path.join(folder, "bench_train_000001.bin"),
+        synthetic_tokens(min(max(steps, 1), 64) * step_tokens + 1, trainer_args.vocab_size, noise_seed=1),
+    )
+    write_shard(
+        os.path.join(folder, "bench_val_000000.bin"),
+        synthetic_tokens(trainer_args.val_tokens + 1, trainer_args.vocab_size, noise_seed=2),
+    )
     return os.path.join(folder, "bench_train_*.bin"), os.path.join(folder, "bench_val_*.bin")
 
 
@@ -88,6 +128,7 @@ def model_flops_per_token(trainer_args):
     import torch
 
     import train_gpt2
+
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = train_gpt2.GPT.from_args(trainer_args)
     params = sum(p.numel() for p in model.parameters())
@@ -115,18 +156,18 @@ def parse_record(text):
         if line.startswith("step:") and " train_loss:" in line:
             train_losses.append(float(line.split(" train_loss:")[1].split()[0]))
         elif line.startswith("summary: "):
-            fields = line[len("summary: "):]
+            fields = line[len("summary: ") :]
             head, _, device = fields.partition(" device:")
             summary = dict(field.split(":", 1) for field in head.split())
             summary["device"] = device
         elif line.startswith("stopped: "):
-            stopped = line[len("stopped: "):]
+            stopped = line[len("stopped: ") :]
     return dict(flags=flags, notes=notes, train_losses=train_losses, summary=summary, stopped=stopped)
 
 
 def number(text, unit=""):
     try:
-        return float(text[:-len(unit)] if unit and text.endswith(unit) else text)
+        return float(text[: -len(unit)] if unit and text.endswith(unit) else text)
     except (TypeError, ValueError):
         return float("nan")
 
@@ -134,6 +175,7 @@ def number(text, unit=""):
 def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
     """The benchmark's numbers from a parsed record (see parse_record)."""
     import train_gpt2
+
     args = train_gpt2.parse_args(record["flags"])  # the run's resolved flags, auto micro-batch included
     summary = record["summary"]
     world_size = int(number(summary.get("world_size", "1")) or 1)
@@ -147,20 +189,35 @@ def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
     note = next((n for n in record["notes"] if n.startswith("device_batch_size:")), "")
     losses = record["train_losses"]
     result = dict(
-        device=summary.get("device", "?"), world_size=world_size,
-        steps=args.num_iterations, untimed_steps=args.untimed_steps,
-        steps_done=len(losses), timed_steps=max(0, len(losses) - args.untimed_steps),
-        batch_size=args.batch_size, seq_len=args.seq_len, step_tokens=step_tokens,
-        device_batch_size=args.device_batch_size, device_batch_size_note=note, accum_steps=accum,
-        ms_per_step=ms_per_step, ms_per_micro_step=ms_per_step / accum, tokens_per_s=tokens_per_s,
-        params=params, non_embedding_params=non_embedding, flops_per_token=flops_per_token,
-        peak_tflops=peak_tflops, mfu=mfu,
-        peak_memory_mib=peak_mib, peak_memory_gib=peak_mib / 1024,
-        max_memory_gb=max_memory_gb, memory_ok=None if not max_memory_gb else bool(peak_mib / 1024 < max_memory_gb),
+        device=summary.get("device", "?"),
+        world_size=world_size,
+        steps=args.num_iterations,
+        untimed_steps=args.untimed_steps,
+        steps_done=len(losses),
+        timed_steps=max(0, len(losses) - args.untimed_steps),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        step_tokens=step_tokens,
+        device_batch_size=args.device_batch_size,
+        device_batch_size_note=note,
+        accum_steps=accum,
+        ms_per_step=ms_per_step,
+        ms_per_micro_step=ms_per_step / accum,
+        tokens_per_s=tokens_per_s,
+        params=params,
+        non_embedding_params=non_embedding,
+        flops_per_token=flops_per_token,
+        peak_tflops=peak_tflops,
+        mfu=mfu,
+        peak_memory_mib=peak_mib,
+        peak_memory_gib=peak_mib / 1024,
+        max_memory_gb=max_memory_gb,
+        memory_ok=None if not max_memory_gb else bool(peak_mib / 1024 < max_memory_gb),
         first_train_loss=losses[0] if losses else float("nan"),
         last_train_loss=losses[-1] if losses else float("nan"),
         final_val_loss=number(summary.get("final_val_loss")),
-        notes=[n for n in record["notes"] if n != note], stopped=record["stopped"],
+        notes=[n for n in record["notes"] if n != note],
+        stopped=record["stopped"],
     )
     return result
 
@@ -168,30 +225,51 @@ def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
 def table(result, preset):
     rows = [
         ("device", f"{result['device']} (world size {result['world_size']})"),
-        ("steps", f"{result['steps_done']} of {result['steps']} done ({result['untimed_steps']} untimed: compile, warmup); "
-                  f"{result['step_tokens']:,} tokens per step"),
-        ("micro-batch", f"{result['device_batch_size']} sequences x {result['accum_steps']} micro-steps per step"
-                        + (f"  [{result['device_batch_size_note']}]" if result["device_batch_size_note"] else "")),
+        (
+            "steps",
+            f"{result['steps_done']} of {result['steps']} done ({result['untimed_steps']} untimed: compile, warmup); "
+            f"{result['step_tokens']:,} tokens per step",
+        ),
+        (
+            "micro-batch",
+            f"{result['device_batch_size']} sequences x {result['accum_steps']} micro-steps per step"
+            + (f"  [{result['device_batch_size_note']}]" if result["device_batch_size_note"] else ""),
+        ),
         ("ms per step", f"{result['ms_per_step']:.2f}"),
         ("ms per micro-step", f"{result['ms_per_micro_step']:.2f}"),
         ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
-        ("FLOPs per token", f"{result['flops_per_token'] / 1e9:.4f} GFLOP = 6 x {result['non_embedding_params']:,} "
-                            f"non-embedding params + 12 x layers x width x seq_len"),
-        ("MFU", f"{100 * result['mfu']:.3g}% of {result['peak_tflops']:g} TFLOP/s x {result['world_size']} device(s)"),
+        (
+            "FLOPs per token",
+            f"{result['flops_per_token'] / 1e9:.4f} GFLOP = 6 x {result['non_embedding_params']:,} "
+            f"non-embedding params + 12 x layers x width x seq_len",
+        ),
+        (
+            "MFU",
+            f"{100 * result['mfu']:.3g}% of {result['peak_tflops']:g} TFLOP/s x {result['world_size']} device(s)",
+        ),
         ("peak memory", f"{result['peak_memory_mib']:,.0f} MiB ({result['peak_memory_gib']:.2f} GiB)"),
-        ("train loss", f"{result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}; "
-                       f"final val {result['final_val_loss']:.4f}"),
+        (
+            "train loss",
+            f"{result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}; "
+            f"final val {result['final_val_loss']:.4f}",
+        ),
     ]
     rows += [("note", n) for n in result["notes"]]
     if result["memory_ok"] is not None:
         verdict = "PASS" if result["memory_ok"] else "FAIL"
         sign = "<" if result["memory_ok"] else ">="
-        rows.append(("memory check", f"{verdict}: peak {result['peak_memory_gib']:.2f} GiB {sign} "
-                                     f"{result['max_memory_gb']:g} GiB"))
+        rows.append(
+            (
+                "memory check",
+                f"{verdict}: peak {result['peak_memory_gib']:.2f} GiB {sign} {result['max_memory_gb']:g} GiB",
+            )
+        )
     if result["stopped"]:
         rows.append(("stopped", result["stopped"]))
     width = max(len(name) for name, _ in rows)
-    return "\n".join([f"gpu_benchmark --preset {preset}:"] + [f"  {name.ljust(width)}  {value}" for name, value in rows])
+    return "\n".join(
+        [f"gpu_benchmark --preset {preset}:"] + [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,12 +280,20 @@ def run_trainer(flags, timeout):
     """Run train_gpt2.py with `flags`, echoing its output; past `timeout` seconds SIGTERM it (it stops at the
     next step boundary and writes its summary), then SIGKILL. Returns (return code, timed out)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train_gpt2.py"), *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
 
     def echo():
         for line in proc.stdout:
             print(f"trainer| {line}", end="", flush=True)
+
     reader = threading.Thread(target=echo, daemon=True)
     reader.start()
     timed_out = False
@@ -229,21 +315,36 @@ def run_trainer(flags, timeout):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     epilog="Other arguments are train_gpt2.py flags; they override the preset's.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        epilog="Other arguments are train_gpt2.py flags; they override the preset's.",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps (default: the preset's)")
-    parser.add_argument("--peak_tflops", type=float, default=989.0, help="per-device peak for MFU (H100 bf16: 989)")
-    parser.add_argument("--max_memory_gb", type=float, default=None,
-                        help="FAIL unless peak memory < this many GiB (full24gb: 24; 0 = no check)")
-    parser.add_argument("--timeout", type=float, default=0, help="SIGTERM the trainer after this many seconds")
-    parser.add_argument("--workdir", default="", help="shards, records and checkpoints go here (default: a temp "
-                                                      "folder, removed at the end)")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=989.0, help="per-device peak for MFU (H100 bf16: 989)"
+    )
+    parser.add_argument(
+        "--max_memory_gb",
+        type=float,
+        default=None,
+        help="FAIL unless peak memory < this many GiB (full24gb: 24; 0 = no check)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=0, help="SIGTERM the trainer after this many seconds"
+    )
+    parser.add_argument(
+        "--workdir",
+        default="",
+        help="shards, records and checkpoints go here (default: a temp folder, removed at the end)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the numbers as one JSON line, last")
     opts, passthrough = parser.parse_known_args(argv)
     passthrough = [a for a in passthrough if a != "--"]
 
     import train_gpt2
+
     preset = PRESETS[opts.preset]
     steps = opts.steps or preset["steps"]
     untimed = min(preset["untimed"], steps // 2)
@@ -251,9 +352,17 @@ def main(argv=None):
     workdir = opts.workdir or tempfile.mkdtemp(prefix="gpu_benchmark_")
     started = time.monotonic()
     try:
-        base = [f"--num_iterations={steps}", "--warmdown_iters=0", f"--untimed_steps={untimed}",
-                "--val_loss_every=0", "--save_every=0", "--save_every_minutes=0", f"--run_name=bench_{opts.preset}",
-                f"--records_dir={workdir}/records", f"--checkpoint_dir={workdir}/checkpoints"]
+        base = [
+            f"--num_iterations={steps}",
+            "--warmdown_iters=0",
+            f"--untimed_steps={untimed}",
+            "--val_loss_every=0",
+            "--save_every=0",
+            "--save_every_minutes=0",
+            f"--run_name=bench_{opts.preset}",
+            f"--records_dir={workdir}/records",
+            f"--checkpoint_dir={workdir}/checkpoints",
+        ]
         flags = base + preset["flags"] + passthrough
         try:
             shard_args = train_gpt2.parse_args(flags)
@@ -261,22 +370,34 @@ def main(argv=None):
             raise SystemExit(f"gpu_benchmark: {e}") from None
         train_glob, val_glob = write_shards(os.path.join(workdir, "data"), shard_args, steps)
         flags = [f"--input_bin={train_glob}", f"--input_val_bin={val_glob}"] + flags
-        print(f"gpu_benchmark: preset {opts.preset}, {steps} steps; python {sys.executable}; work folder {workdir}",
-              flush=True)
+        print(
+            f"gpu_benchmark: preset {opts.preset}, {steps} steps; python {sys.executable}; work folder {workdir}",
+            flush=True,
+        )
         print("gpu_benchmark: train_gpt2.py " + " ".join(flags), flush=True)
         returncode, timed_out = run_trainer(flags, opts.timeout)
         records = sorted(glob.glob(os.path.join(workdir, "records", "*", "*.txt")), key=os.path.getmtime)
         if not records:
-            print(f"gpu_benchmark: FAIL: the trainer exited with {returncode} before writing a record", flush=True)
+            print(
+                f"gpu_benchmark: FAIL: the trainer exited with {returncode} before writing a record",
+                flush=True,
+            )
             return 1
         with open(records[-1]) as f:
             record = parse_record(f.read())
         if not record["summary"]:
-            print(f"gpu_benchmark: FAIL: the record has no summary line (trainer exit {returncode})", flush=True)
+            print(
+                f"gpu_benchmark: FAIL: the record has no summary line (trainer exit {returncode})", flush=True
+            )
             return 1
         result = compute_metrics(record, opts.peak_tflops, max_memory_gb)
-        result.update(preset=opts.preset, returncode=returncode, timed_out=timed_out,
-                      wall_s=round(time.monotonic() - started, 1), record=records[-1] if opts.workdir else None)
+        result.update(
+            preset=opts.preset,
+            returncode=returncode,
+            timed_out=timed_out,
+            wall_s=round(time.monotonic() - started, 1),
+            record=records[-1] if opts.workdir else None,
+        )
         print(table(result, opts.preset), flush=True)
         failures = []
         if returncode != 0:
@@ -284,11 +405,18 @@ def main(argv=None):
         if not math.isfinite(result["ms_per_step"]):
             failures.append("no timed step")
         if result["memory_ok"] is False:
-            failures.append(f"peak memory {result['peak_memory_gib']:.2f} GiB is not under {max_memory_gb:g} GiB")
-        print(f"gpu_benchmark: {'FAIL: ' + '; '.join(failures) if failures else 'PASS'} "
-              f"({result['wall_s']:.0f}s wall)", flush=True)
+            failures.append(
+                f"peak memory {result['peak_memory_gib']:.2f} GiB is not under {max_memory_gb:g} GiB"
+            )
+        print(
+            f"gpu_benchmark: {'FAIL: ' + '; '.join(failures) if failures else 'PASS'} "
+            f"({result['wall_s']:.0f}s wall)",
+            flush=True,
+        )
         if opts.json:
-            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+            clean = {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()
+            }
             print(json.dumps(clean), flush=True)
         return 1 if failures else 0
     finally:

@@ -1,4 +1,5 @@
 """Tests for records/ab.py: two trainer variants timed in A B B A order, on the CPU with the tiny config."""
+
 import ast
 import glob
 import os
@@ -9,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from scipy import stats
-
 from conftest import ROOT, STEP_LINE, TINY_FLAGS
+from scipy import stats
 
 sys.path.insert(0, os.path.join(ROOT, "records"))
 import ab  # noqa: E402
@@ -19,26 +19,48 @@ import ab  # noqa: E402
 AB = os.path.join(ROOT, "records", "ab.py")
 TRAINER = os.path.join(ROOT, "train_gpt2.py")
 FLAGS = [*TINY_FLAGS, "--num_iterations=12", "--warmdown_iters=2"]
-SLOWER = '''import time, torch
+SLOWER = """import time, torch
 def _slow_backward(self, *args, _backward=torch.Tensor.backward, **kwargs):
     time.sleep(0.05)
     return _backward(self, *args, **kwargs)
 torch.Tensor.backward = _slow_backward
-'''
+"""
 
 
 def write_slower_copy(path):
     """B: a copy of the trainer with 50 ms more in every backward pass, so B's record holds B's own source."""
     lines = open(TRAINER).read().splitlines(keepends=True)
-    after = ast.parse("".join(lines)).body[0].end_lineno  # after the docstring, which stays the docstring (--help)
+    after = (
+        ast.parse("".join(lines)).body[0].end_lineno
+    )  # after the docstring, which stays the docstring (--help)
     path.write_text("".join(lines[:after]) + SLOWER + "".join(lines[after:]))
     return path
 
 
 def run_ab(b_script, pairs, shards):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, also on a busy machine
-    return subprocess.Popen([sys.executable, AB, TRAINER, str(b_script), "--pairs", str(pairs), "--name", "t", "--",
-                             *FLAGS, *shards], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+    }  # a tiny model: one thread is fastest, also on a busy machine
+    return subprocess.Popen(
+        [
+            sys.executable,
+            AB,
+            TRAINER,
+            str(b_script),
+            "--pairs",
+            str(pairs),
+            "--name",
+            "t",
+            "--",
+            *FLAGS,
+            *shards,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def records_in_run_order(tmp_path):
@@ -59,7 +81,9 @@ def test_paired_timing_numbers():
     got = ab.paired_timing(list(zip(a, b)))
     ratios = np.array(b) / np.array(a)
     assert got["ratios"] == pytest.approx(ratios) and got["mean_ratio"] == pytest.approx(ratios.mean())
-    assert got["ci95"] == pytest.approx(stats.t.interval(0.95, len(a) - 1, loc=ratios.mean(), scale=stats.sem(ratios)))
+    assert got["ci95"] == pytest.approx(
+        stats.t.interval(0.95, len(a) - 1, loc=ratios.mean(), scale=stats.sem(ratios))
+    )
     want = stats.ttest_rel(b, a, alternative="less")
     assert got["p_b_faster"] == pytest.approx(want.pvalue) and got["t"] == pytest.approx(want.statistic)
     assert got["p_b_faster"] < 0.01
@@ -86,16 +110,23 @@ def test_launcher_like_run_sh(monkeypatch, tmp_path):
     assert ab.launcher([])[:3] == [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["missing.py", TRAINER, "--pairs", "1"], ["missing.py", "no such script"]),
-    ([TRAINER, TRAINER, "--pairs", "0"], ["--pairs"]),
-    ([TRAINER, TRAINER, "--pairs", "1", "--name", "a/b"], ["--name"]),
-    ([TRAINER, TRAINER, "--pairs", "1", "--", "--run_name=x"], ["--run_name", "--name"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["missing.py", TRAINER, "--pairs", "1"], ["missing.py", "no such script"]),
+        ([TRAINER, TRAINER, "--pairs", "0"], ["--pairs"]),
+        ([TRAINER, TRAINER, "--pairs", "1", "--name", "a/b"], ["--name"]),
+        ([TRAINER, TRAINER, "--pairs", "1", "--", "--run_name=x"], ["--run_name", "--name"]),
+    ],
+)
 def test_bad_input_is_one_line(args, words):
     with pytest.raises(SystemExit) as e:
         ab.main(args)
-    assert str(e.value).startswith("ab.py: ") and "\n" not in str(e.value) and all(w in str(e.value) for w in words)
+    assert (
+        str(e.value).startswith("ab.py: ")
+        and "\n" not in str(e.value)
+        and all(w in str(e.value) for w in words)
+    )
 
 
 def test_interleaved_runs_and_paired_ratio(shards, tmp_path):
@@ -104,19 +135,27 @@ def test_interleaved_runs_and_paired_ratio(shards, tmp_path):
     assert p.returncode == 0, out[-3000:]
     records = records_in_run_order(tmp_path)
     assert [side for side, _ in records] == list("abba")
-    assert all(("_slow_backward" in text) == (side == "b") for side, text in records)  # each record holds its script
-    assert [re.search(r"^--seed=(\d+)$", text, re.M)[1] for _, text in records] == list("0011")  # a seed per pair
+    assert all(
+        ("_slow_backward" in text) == (side == "b") for side, text in records
+    )  # each record holds its script
+    assert [re.search(r"^--seed=(\d+)$", text, re.M)[1] for _, text in records] == list(
+        "0011"
+    )  # a seed per pair
     progress = [line for line in out.splitlines() if line.startswith("ab.py: run ")]
     assert [line.split(":")[1].split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]
     assert [line.split()[3] for line in progress] == ["A", "B", "B", "A"]
     assert "ETA" in progress[0] and all(" left, done at " in line for line in progress[1:])
-    assert "+def _slow_backward(self, *args, _backward=torch.Tensor.backward, **kwargs):" in out  # compare's code diff
+    assert (
+        "+def _slow_backward(self, *args, _backward=torch.Tensor.backward, **kwargs):" in out
+    )  # compare's code diff
     # the paired ratio and its interval, recomputed from the records
     times = {side: [final_train_time(text) for s, text in records if s == side] for side in "ab"}
     ratios = np.array(times["b"]) / np.array(times["a"])
     lo, hi = stats.t.interval(0.95, 1, loc=ratios.mean(), scale=stats.sem(ratios))
     line = next(line for line in out.splitlines() if "mean B/A = " in line)
-    numbers = [float(x.rstrip(",")) for x in line.split() if x.rstrip(",").replace(".", "", 1).lstrip("-").isdigit()]
+    numbers = [
+        float(x.rstrip(",")) for x in line.split() if x.rstrip(",").replace(".", "", 1).lstrip("-").isdigit()
+    ]
     assert numbers[:3] == pytest.approx([ratios.mean(), lo, hi], abs=1e-4) and ratios.mean() > 1
     assert f"{stats.ttest_rel(times['b'], times['a'], alternative='less').pvalue:.3g}" in out
 

@@ -1,4 +1,5 @@
 """Tests for records/compare.py on hand-built logs of both layouts and on a real CPU record of the trainer."""
+
 import itertools
 import json
 import math
@@ -20,32 +21,43 @@ COMPARE = os.path.join(ROOT, "records", "compare.py")
 DIV = "=" * 100
 SRC_A = ["import torch", "", "def main():", "    lr = 0.02", "    steps = 100", "    return lr", ""]
 SRC_B = ["import torch", "", "def main():", "    lr = 0.03", "    steps = 100", "    return lr", ""]
-OUR_ENV = ["Running Python 3.11.7", "Running PyTorch 2.13.0+cpu compiled for CUDA None",
-           "CPU: Intel(R) Xeon(R) (2 cores)"]
+OUR_ENV = [
+    "Running Python 3.11.7",
+    "Running PyTorch 2.13.0+cpu compiled for CUDA None",
+    "CPU: Intel(R) Xeon(R) (2 cores)",
+]
 
 
 def nvidia_smi(gpus=8, name="NVIDIA H100 80GB HBM3"):
     """The table nvidia-smi prints (driver 550), as the public logs hold it."""
     rule = "+-----------------------------------------+------------------------+----------------------+"
-    lines = ["Fri Nov  8 01:23:45 2024       ",
-             "+" + "-" * 89 + "+",
-             "| NVIDIA-SMI 550.90.07              Driver Version: 550.90.07      CUDA Version: 12.4     |",
-             rule,
-             "| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |",
-             "| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |",
-             "|                                         |                        |               MIG M. |",
-             "|=========================================+========================+======================|"]
+    lines = [
+        "Fri Nov  8 01:23:45 2024       ",
+        "+" + "-" * 89 + "+",
+        "| NVIDIA-SMI 550.90.07              Driver Version: 550.90.07      CUDA Version: 12.4     |",
+        rule,
+        "| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |",
+        "| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |",
+        "|                                         |                        |               MIG M. |",
+        "|=========================================+========================+======================|",
+    ]
     for i in range(gpus):
-        lines += [f"|   {i}  {name:<28}On  |   00000000:{0x19 + i:02X}:00.0 Off |                    0 |",
-                  "| N/A   38C    P0            117W /  700W |    7734MiB /  81559MiB |      0%      Default |",
-                  "|                                         |                        |             Disabled |",
-                  rule]
-    return lines + ["", "+" + "-" * 89 + "+",
-                    "| Processes:                                                                              |",
-                    "|  GPU   GI   CI        PID   Type   Process name                              GPU Memory |",
-                    "|        ID   ID                                                               Usage      |",
-                    "|" + "=" * 89 + "|",
-                    "+" + "-" * 89 + "+", ""]
+        lines += [
+            f"|   {i}  {name:<28}On  |   00000000:{0x19 + i:02X}:00.0 Off |                    0 |",
+            "| N/A   38C    P0            117W /  700W |    7734MiB /  81559MiB |      0%      Default |",
+            "|                                         |                        |             Disabled |",
+            rule,
+        ]
+    return lines + [
+        "",
+        "+" + "-" * 89 + "+",
+        "| Processes:                                                                              |",
+        "|  GPU   GI   CI        PID   Type   Process name                              GPU Memory |",
+        "|        ID   ID                                                               Usage      |",
+        "|" + "=" * 89 + "|",
+        "+" + "-" * 89 + "+",
+        "",
+    ]
 
 
 def curve(step, n, final):
@@ -53,17 +65,46 @@ def curve(step, n, final):
     return final + (math.log(50304) - final) * (1 - step / n) ** 3
 
 
-def make_log(path, src=SRC_A, n=100, final=3.27, ms=150.0, val_every=25, stop_at=None, hparams=None, extra=(),
-             tail=("peak memory consumption: 31245 MiB",), nan_from=None, val=True, newline="\n", public=False,
-             env=OUR_ENV):
+def make_log(
+    path,
+    src=SRC_A,
+    n=100,
+    final=3.27,
+    ms=150.0,
+    val_every=25,
+    stop_at=None,
+    hparams=None,
+    extra=(),
+    tail=("peak memory consumption: 31245 MiB",),
+    nan_from=None,
+    val=True,
+    newline="\n",
+    public=False,
+    env=OUR_ENV,
+):
     """Write a run log: ours (source, '=', environment, '=', steps) or the public speedrun's (a '=' line first,
     'Running pytorch', nvidia-smi). Train time counts only steps after step 10, so train_time at step s is
     ms * max(0, s - 10), and step_avg is nan up to step 10."""
     if public:
-        lines = [DIV, *src, DIV, "Running pytorch 2.5.1+cu124 compiled for CUDA 12.4", "nvidia-smi:", *nvidia_smi()]
+        lines = [
+            DIV,
+            *src,
+            DIV,
+            "Running pytorch 2.5.1+cu124 compiled for CUDA 12.4",
+            "nvidia-smi:",
+            *nvidia_smi(),
+        ]
     else:
-        flags = ["Hyperparameters:", *[f"--{k}={v}" for k, v in hparams.items()], "Notes:",
-                 "--device_batch_size=auto chose 64 (a note that looks like a flag)"] if hparams else []
+        flags = (
+            [
+                "Hyperparameters:",
+                *[f"--{k}={v}" for k, v in hparams.items()],
+                "Notes:",
+                "--device_batch_size=auto chose 64 (a note that looks like a flag)",
+            ]
+            if hparams
+            else []
+        )
         lines = [*src, DIV, *env, *flags]
     lines.append(DIV)
     last = n if stop_at is None else stop_at
@@ -93,8 +134,14 @@ B_FINALS, B_MS = [3.2740, 3.2730, 3.2755, 3.2748], [140.0, 141.0, 139.5, 140.5]
 def make_side(folder, src, finals, mss, muon_lr, **kwargs):
     folder.mkdir()
     for i, (v, ms) in enumerate(zip(finals, mss)):  # seeds differ, yet the runs are one configuration
-        make_log(folder / f"seed{i}.txt", src, final=v, ms=ms, hparams={"muon_lr": muon_lr, "seq_len": 1024, "seed": i},
-                 **kwargs)
+        make_log(
+            folder / f"seed{i}.txt",
+            src,
+            final=v,
+            ms=ms,
+            hparams={"muon_lr": muon_lr, "seq_len": 1024, "seed": i},
+            **kwargs,
+        )
     return str(folder)
 
 
@@ -113,7 +160,9 @@ def run_json(capsys, *args):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, COMPARE, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, COMPARE, *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
 def assert_one_line_error(r, *words):
@@ -153,10 +202,19 @@ def test_numbers_match_independent_computation(sides, capsys):
         assert ("p < 0.01" in t["verdict"]) == (want.pvalue < 0.01)
         # the earliest val step where the runs are below the target with p < 0.01, by brute force
         at_step = {s: [round(curve(s, n, v), 4) for v in finals] for s in range(0, n + 1, 25)}
-        first = next((s for s, vs in at_step.items()
-                      if stats.ttest_1samp(vs, target, alternative="less").pvalue < 0.01), None)
+        first = next(
+            (
+                s
+                for s, vs in at_step.items()
+                if stats.ttest_1samp(vs, target, alternative="less").pvalue < 0.01
+            ),
+            None,
+        )
         assert side["earliest_significant_step"] == first
-    assert rep["sides"][0]["earliest_significant_step"] is None and rep["sides"][1]["earliest_significant_step"] == 100
+    assert (
+        rep["sides"][0]["earliest_significant_step"] is None
+        and rep["sides"][1]["earliest_significant_step"] == 100
+    )
     c = rep["comparisons"][0]
     ta, tb = np.mean(A_MS) * 90, np.mean(B_MS) * 90
     assert c["train_time_ratio"] == pytest.approx(tb / ta, rel=1e-4)
@@ -189,8 +247,14 @@ def test_planner_in_the_report(sides, capsys):
     rep, _ = run_json(capsys, *sides)
     for side, finals in zip(rep["sides"], (A_FINALS, B_FINALS)):
         vals = np.round(finals, 4)
-        need = next(k for k in itertools.count(2) if stats.ttest_1samp(
-            sample_with(vals.mean(), vals.std(ddof=1), k), 3.28, alternative="less").pvalue < 0.01)
+        need = next(
+            k
+            for k in itertools.count(2)
+            if stats.ttest_1samp(
+                sample_with(vals.mean(), vals.std(ddof=1), k), 3.28, alternative="less"
+            ).pvalue
+            < 0.01
+        )
         assert side["planner"]["runs_needed"] == need
     assert rep["sides"][0]["planner"]["runs_needed"] > 3  # A is not significant with its 3 runs
     rep, _ = run_json(capsys, *sides, "--target", "3.274")  # A's mean is above this target
@@ -204,7 +268,9 @@ def test_text_table_and_code_diff(sides, capsys):
     assert "-    lr = 0.02" in out and "+    lr = 0.03" in out
     assert "    steps = 100" in out and "-    steps" not in out  # context, not a change
     flags = out.split("== hyperparameters")[1].split("\n\n")[0]
-    assert "muon_lr" in flags and "seq_len" not in flags and "seed" not in flags  # only changed configuration flags
+    assert (
+        "muon_lr" in flags and "seq_len" not in flags and "seed" not in flags
+    )  # only changed configuration flags
     assert f"{np.mean(np.round(A_FINALS, 4)):.4f} ± {np.std(np.round(A_FINALS, 4), ddof=1):.4f} (n=3)" in out
     assert f"ms/step B/A: {np.mean(B_MS) / np.mean(A_MS):.4f}" in out
     assert "Welch" in out and out.count("one-sided") == 2 and out.count("planner") == 2
@@ -225,26 +291,38 @@ def test_public_layout(tmp_path, capsys):
     assert run.complete and run.final_val == 3.2791
     assert run.machine == "8x NVIDIA H100 80GB HBM3"
     assert run.env["pytorch"] == "2.5.1+cu124" and run.env["cuda"] == "12.4"
-    assert rep["sides"][0]["environment"] == [{"setup": "8x NVIDIA H100 80GB HBM3, PyTorch 2.5.1+cu124, CUDA 12.4",
-                                               "runs": 1}]
+    assert rep["sides"][0]["environment"] == [
+        {"setup": "8x NVIDIA H100 80GB HBM3, PyTorch 2.5.1+cu124, CUDA 12.4", "runs": 1}
+    ]
     assert rep["comparisons"][0]["timings_comparable"] is True
 
 
 def test_different_machines_are_not_comparable(tmp_path, capsys):
     public = make_log(tmp_path / "h100.txt", public=True)
-    ours = make_log(tmp_path / "cpu.txt", tail=("summary: final_val_loss:3.2700 train_time:13500ms step_avg:150.00ms "
-                                                "peak_memory:900MiB world_size:1 device:CPU Intel(R) Xeon(R)",))
+    ours = make_log(
+        tmp_path / "cpu.txt",
+        tail=(
+            "summary: final_val_loss:3.2700 train_time:13500ms step_avg:150.00ms "
+            "peak_memory:900MiB world_size:1 device:CPU Intel(R) Xeon(R)",
+        ),
+    )
     compare.main([str(public), str(ours)])
     out = capsys.readouterr().out
-    assert "8x NVIDIA H100 80GB HBM3, PyTorch 2.5.1+cu124" in out and "1x CPU Intel(R) Xeon(R) (2 cores)" in out
+    assert (
+        "8x NVIDIA H100 80GB HBM3, PyTorch 2.5.1+cu124" in out and "1x CPU Intel(R) Xeon(R) (2 cores)" in out
+    )
     assert sum("not comparable" in line for line in out.splitlines()) == 1
 
 
 def test_one_side_one_configuration(tmp_path, capsys):
     side = tmp_path / "side"
     make_side(side, SRC_A, [3.270, 3.272, 3.274], [150, 150, 150], 0.02)
-    make_log(side / "x_other_source.txt", SRC_B, final=3.30, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 8})
-    make_log(side / "y_longer.txt", SRC_A, n=120, final=3.25, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 9})
+    make_log(
+        side / "x_other_source.txt", SRC_B, final=3.30, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 8}
+    )
+    make_log(
+        side / "y_longer.txt", SRC_A, n=120, final=3.25, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 9}
+    )
     rep, err = run_json(capsys, str(side), str(side / "seed0.txt"))
     assert "5 runs hold 3 configurations" in err and "--pool" in err
     assert "configuration 1: 3 run(s): seed0.txt, seed1.txt, seed2.txt" in err  # the first finished run's
@@ -252,7 +330,10 @@ def test_one_side_one_configuration(tmp_path, capsys):
     assert "3: 1 run(s), differs from 1 in total steps 120 vs 100: y_longer.txt" in err
     a = rep["sides"][0]
     assert a["stats"]["val_loss"]["n"] == 3 and a["stats"]["val_loss"]["mean"] == pytest.approx(3.272)
-    assert [os.path.basename(r["file"]) for r in a["runs"] if not r["used"]] == ["x_other_source.txt", "y_longer.txt"]
+    assert [os.path.basename(r["file"]) for r in a["runs"] if not r["used"]] == [
+        "x_other_source.txt",
+        "y_longer.txt",
+    ]
     assert len(a["configurations"]) == 3
     rep, err = run_json(capsys, str(side), str(side / "seed0.txt"), "--pool")
     assert rep["sides"][0]["stats"]["val_loss"]["n"] == 5 and "pool them all" in err
@@ -268,16 +349,23 @@ def test_several_variants(tmp_path, capsys):
     a = np.round(A_FINALS, 4)
     for c, finals, mss in zip(rep["comparisons"], (B_FINALS, v2_finals), (B_MS, v2_ms)):
         v = np.round(finals, 4)
-        assert c["welch_val_loss"]["p"] == pytest.approx(stats.ttest_ind(v, a, equal_var=False).pvalue, rel=1e-9)
+        assert c["welch_val_loss"]["p"] == pytest.approx(
+            stats.ttest_ind(v, a, equal_var=False).pvalue, rel=1e-9
+        )
         assert c["welch_val_loss"]["mean_diff"] == pytest.approx(v.mean() - a.mean())
         assert c["train_time_ratio"] == pytest.approx(np.mean(mss) / np.mean(A_MS), rel=1e-4)
         assert c["train_time_diff_ms"] == pytest.approx((np.mean(mss) - np.mean(A_MS)) * 90, abs=1)
     compare.main([base, v1, v2])
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.startswith(("  base ", "  V1 ", "  V2 "))
-            and "±" in line]
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.startswith(("  base ", "  V1 ", "  V2 ")) and "±" in line
+    ]
     assert [r[0] for r in rows] == ["base", "V1", "V2"]
-    assert f"{np.mean(v2_ms) / np.mean(A_MS):.4f}" in rows[2] and rows[0].count("-") == 4  # the base has no deltas
+    assert (
+        f"{np.mean(v2_ms) / np.mean(A_MS):.4f}" in rows[2] and rows[0].count("-") == 4
+    )  # the base has no deltas
     assert "code diff" not in out  # one row per variant, not the full report
 
 
@@ -306,32 +394,47 @@ def test_plot_is_png(sides, tmp_path, capsys):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 20_000 < len(data) < 2_000_000
     import matplotlib.image
+
     h, w = matplotlib.image.imread(str(out)).shape[:2]
     assert w > 1000 and h > 800  # two rows: the whole curves, and zoomed near the target
 
 
 def test_mean_curve_and_band(tmp_path):
     finals = [3.270, 3.280, 3.275]
-    runs = [compare.parse_log(str(make_log(tmp_path / f"{i}.txt", final=v, ms=140 + i)), 3.28)
-            for i, v in enumerate(finals)]
+    runs = [
+        compare.parse_log(str(make_log(tmp_path / f"{i}.txt", final=v, ms=140 + i)), 3.28)
+        for i, v in enumerate(finals)
+    ]
     steps, times, mean, low, high = compare.mean_curve(runs)
     assert list(steps) == [0, 25, 50, 75, 100]
     losses = np.array([[round(curve(s, 100, v), 4) for v in finals] for s in steps])
     assert mean == pytest.approx(losses.mean(1)) and low == pytest.approx(losses.min(1))
     assert high == pytest.approx(losses.max(1))
-    assert times == pytest.approx([np.mean([(140 + i) * max(0, s - 10) / 1000 for i in range(3)]) for s in steps],
-                                  abs=1e-3)
+    assert times == pytest.approx(
+        [np.mean([(140 + i) * max(0, s - 10) / 1000 for i in range(3)]) for s in steps], abs=1e-3
+    )
     no_val = compare.parse_log(str(make_log(tmp_path / "train_only.txt", val=False)), 3.28)
     assert all(len(x) == 0 for x in compare.mean_curve([no_val]))  # nothing to draw, and no error
 
 
-@pytest.mark.parametrize("case, kwargs, message", [
-    ("early", dict(stop_at=60, tail=("stopped: killed",)), "ended early at step 61 of 100"),  # train line of step 61
-    ("nan", dict(nan_from=37, tail=("stopped: NaN loss at step 37",)), "NaN/inf loss at step 37"),
-    ("trainonly", dict(val=False), "train-loss lines only"),
-    ("extra", dict(extra=("some newer script prints this", "lr:0.01 warmup done")), "2 unrecognised line(s)"),
-    ("malformed", dict(extra=("step:51/100 val_lo",)), "1 malformed step line(s)"),
-])
+@pytest.mark.parametrize(
+    "case, kwargs, message",
+    [
+        (
+            "early",
+            dict(stop_at=60, tail=("stopped: killed",)),
+            "ended early at step 61 of 100",
+        ),  # train line of step 61
+        ("nan", dict(nan_from=37, tail=("stopped: NaN loss at step 37",)), "NaN/inf loss at step 37"),
+        ("trainonly", dict(val=False), "train-loss lines only"),
+        (
+            "extra",
+            dict(extra=("some newer script prints this", "lr:0.01 warmup done")),
+            "2 unrecognised line(s)",
+        ),
+        ("malformed", dict(extra=("step:51/100 val_lo",)), "1 malformed step line(s)"),
+    ],
+)
 def test_malformed_logs_warn(tmp_path, capsys, case, kwargs, message):
     folder = tmp_path / "side"
     folder.mkdir()
@@ -356,10 +459,20 @@ def test_malformed_logs_warn(tmp_path, capsys, case, kwargs, message):
 def test_log_cut_mid_number_is_not_a_complete_run(tmp_path):
     """Issue 11, class 9: a run killed while writing its final val line (no newline, no summary:)."""
     side = tmp_path / "side"
-    make_side(side, SRC_A, [3.270, 3.272], [150, 150], 0.02,
-              tail=("summary: final_val_loss:3.2700 train_time:13500ms step_avg:150.00ms",))
-    full = make_log(side / "killed.txt", final=3.2791, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 2},
-                    tail=("summary: final_val_loss:3.2791 train_time:13500ms",))
+    make_side(
+        side,
+        SRC_A,
+        [3.270, 3.272],
+        [150, 150],
+        0.02,
+        tail=("summary: final_val_loss:3.2700 train_time:13500ms step_avg:150.00ms",),
+    )
+    full = make_log(
+        side / "killed.txt",
+        final=3.2791,
+        hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 2},
+        tail=("summary: final_val_loss:3.2791 train_time:13500ms",),
+    )
     text = full.read_text()
     cut = text.index("step:100/100 val_loss:") + len("step:100/100 val_loss:3.2")
     full.write_text(text[:cut])  # reads as val loss 3.2 if taken at face value
@@ -384,7 +497,9 @@ def test_target_must_be_a_finite_loss(sides):
 def test_unwritable_plot_is_refused_before_the_report(sides, tmp_path):
     """Issue 11, class 6: --plot into a missing folder or with an unknown image type fails before any report."""
     assert_one_line_error(cli(*sides, "--plot", tmp_path / "missing" / "c.png"), "--plot", "does not exist")
-    assert_one_line_error(cli(*sides, "--plot", tmp_path / "c.foo"), "--plot", "unknown image type .foo", ".png")
+    assert_one_line_error(
+        cli(*sides, "--plot", tmp_path / "c.foo"), "--plot", "unknown image type .foo", ".png"
+    )
     with pytest.raises(SystemExit, match="no image type"):
         compare.main([*sides, "--plot", str(tmp_path / "curves")])
     assert not any(p.name.startswith("c") for p in tmp_path.iterdir())
@@ -396,7 +511,10 @@ def test_windows_line_endings(tmp_path, capsys):
     assert b"\r\n" in a.read_bytes()
     rep, err = run_json(capsys, str(a), str(b))
     assert err == ""
-    assert rep["sides"][0]["runs"][0]["val_loss"] == pytest.approx(3.275) and rep["sides"][0]["runs"][0]["complete"]
+    assert (
+        rep["sides"][0]["runs"][0]["val_loss"] == pytest.approx(3.275)
+        and rep["sides"][0]["runs"][0]["complete"]
+    )
     c = rep["comparisons"][0]
     assert c["hyperparameter_diff"] == {"x": ["1", "2"]}
     assert "\r" not in c["code_diff"] and "+    lr = 0.03" in c["code_diff"]
@@ -404,8 +522,10 @@ def test_windows_line_endings(tmp_path, capsys):
 
 def test_no_divider_and_empty_run_warn(tmp_path, capsys):
     bare = tmp_path / "bare.txt"
-    bare.write_text("step:0/10 val_loss:10.8258 train_time:0ms step_avg:nanms\n"
-                    "step:10/10 val_loss:6.0000 train_time:0ms step_avg:nanms\n")
+    bare.write_text(
+        "step:0/10 val_loss:10.8258 train_time:0ms step_avg:nanms\n"
+        "step:10/10 val_loss:6.0000 train_time:0ms step_avg:nanms\n"
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("print('hi')\n" + DIV + "\nRunning Python 3.11\n" + DIV + "\n")
     rep, err = run_json(capsys, str(bare), str(empty))
@@ -422,11 +542,13 @@ def test_bad_input_is_refused(tmp_path, capsys):
     binary.write_bytes(b"\x00\x01" * 100)
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    for args, message in [((notes, good), f"compare.py: {notes} is not a run log"),
-                          ((good, binary), f"compare.py: {binary} is not a run log (binary data)"),
-                          ((tmp_path / "missing.txt", good), "no such file or folder"),
-                          ((good, empty_dir), "no run logs"),
-                          ((good,), "at least one candidate")]:
+    for args, message in [
+        ((notes, good), f"compare.py: {notes} is not a run log"),
+        ((good, binary), f"compare.py: {binary} is not a run log (binary data)"),
+        ((tmp_path / "missing.txt", good), "no such file or folder"),
+        ((good, empty_dir), "no run logs"),
+        ((good,), "at least one candidate"),
+    ]:
         with pytest.raises(SystemExit) as e:
             compare.main([str(a) for a in args])
         assert message in str(e.value) and "\n" not in str(e.value)
@@ -457,8 +579,10 @@ def test_cli_runs_as_script(sides):
 
 
 def test_compare_never_imports_torch(sides):
-    code = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'records')!r}); import compare; "
-            f"compare.main([{sides[0]!r}, {sides[1]!r}, '--json']); assert 'torch' not in sys.modules")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'records')!r}); import compare; "
+        f"compare.main([{sides[0]!r}, {sides[1]!r}, '--json']); assert 'torch' not in sys.modules"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
@@ -474,11 +598,28 @@ def test_trainer_cpu_record_parses(tmp_path, capsys):
     write_shard(str(tmp_path / "fineweb_train_000001.bin"), rng.integers(0, 256, 20_000))
     write_shard(str(tmp_path / "fineweb_val_000000.bin"), rng.integers(0, 256, 5_000))
     records = tmp_path / "records"
-    cmd = [sys.executable, TRAINER, "--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256",
-           "--seq_len=32", "--batch_size=8", "--device_batch_size=8", "--num_iterations=4", "--val_tokens=512",
-           "--warmdown_iters=2", "--val_loss_every=2", "--untimed_steps=1", "--device=cpu",
-           f"--checkpoint_dir={tmp_path}/checkpoints", f"--input_bin={tmp_path}/fineweb_train_*.bin",
-           f"--input_val_bin={tmp_path}/fineweb_val_*.bin", f"--records_dir={records}", "--run_name=x"]
+    cmd = [
+        sys.executable,
+        TRAINER,
+        "--num_layers=2",
+        "--model_dim=64",
+        "--num_heads=2",
+        "--vocab_size=256",
+        "--seq_len=32",
+        "--batch_size=8",
+        "--device_batch_size=8",
+        "--num_iterations=4",
+        "--val_tokens=512",
+        "--warmdown_iters=2",
+        "--val_loss_every=2",
+        "--untimed_steps=1",
+        "--device=cpu",
+        f"--checkpoint_dir={tmp_path}/checkpoints",
+        f"--input_bin={tmp_path}/fineweb_train_*.bin",
+        f"--input_val_bin={tmp_path}/fineweb_val_*.bin",
+        f"--records_dir={records}",
+        "--run_name=x",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     logs = [os.path.join(d, f) for d, _, fs in os.walk(records) for f in fs if f.endswith(".txt")]
@@ -499,6 +640,9 @@ def test_trainer_cpu_record_parses(tmp_path, capsys):
 
 
 def test_a_non_numeric_target_is_one_line():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "records", "compare.py"), "a", "b", "--target", "x"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "records", "compare.py"), "a", "b", "--target", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--target" in r.stderr

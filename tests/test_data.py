@@ -2,6 +2,7 @@
 
 No network is used except PyPI, once, when the GPT-2 vocabulary is not cached yet (data/gpt2_vocab.py).
 """
+
 import errno
 import hashlib
 import io
@@ -39,8 +40,10 @@ def shard_bytes(tokens):
 
 # --- a fake Hugging Face hub ---------------------------------------------------------------------
 
+
 class FakeHub(ThreadingHTTPServer):
     """Answers like the hub for the files in `self.repos` ({repo_id: {path: bytes}}); logs every request."""
+
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
     def __init__(self):
@@ -73,7 +76,10 @@ class _HubHandler(BaseHTTPRequestHandler):
     def _answer(self, body):
         hub = self.server
         path = unquote(urlsplit(self.path).path)
-        if path in ("/api/agent-harnesses", "/"):  # huggingface_hub's telemetry, our reachability probe: not data
+        if path in (
+            "/api/agent-harnesses",
+            "/",
+        ):  # huggingface_hub's telemetry, our reachability probe: not data
             return self._send(404, {}, b"", body)
         hub.log.append((self.command, self.path))
         tree = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/tree/[^/]+/?(.*)", path)
@@ -83,8 +89,11 @@ class _HubHandler(BaseHTTPRequestHandler):
             return self._send(404, {"X-Error-Code": "RepoNotFound"}, b"Repository not found", body)
         files = hub.repos[repo]
         if tree:
-            listing = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                       for p, d in sorted(files.items()) if p.startswith(tree[2])]
+            listing = [
+                {"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                for p, d in sorted(files.items())
+                if p.startswith(tree[2])
+            ]
             return self._send(200, {"Content-Type": "application/json"}, json.dumps(listing).encode(), body)
         if resolve[2] not in files:
             return self._send(404, {"X-Error-Code": "EntryNotFound"}, b"Entry not found", body)
@@ -93,7 +102,9 @@ class _HubHandler(BaseHTTPRequestHandler):
         start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if start:  # resuming an interrupted download
             s = int(start[1])
-            return self._send(206, {**headers, "Content-Range": f"bytes {s}-{len(data) - 1}/{len(data)}"}, data[s:], body)
+            return self._send(
+                206, {**headers, "Content-Range": f"bytes {s}-{len(data) - 1}/{len(data)}"}, data[s:], body
+            )
         self._send(200, headers, data, body)
 
 
@@ -113,8 +124,14 @@ def run(script, args, tmp_path, hub=None, **env):
     e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
     if hub is not None:
         e["HF_ENDPOINT"] = hub.url
-    r = subprocess.run([sys.executable, str(ROOT / "data" / script), *map(str, args)],
-                       capture_output=True, text=True, env=e, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "data" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=120,
+        cwd=tmp_path,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -128,6 +145,7 @@ def assert_one_line_error(rc, err, *words):
 
 
 # --- check_shard ---------------------------------------------------------------------------------
+
 
 def test_write_shard_leaves_no_temp_file_when_it_fails(tmp_path):
     (tmp_path / "taken.bin").mkdir()  # the rename onto a folder fails after the data is written
@@ -159,8 +177,9 @@ def test_check_shard_accepts_a_good_shard_and_names_each_problem(tmp_path):
 
 # --- the downloader ------------------------------------------------------------------------------
 
+
 def fake_fineweb(hub, n=3):
-    files = {f"fineweb_val_000000.bin": shard_bytes(range(50))}
+    files = {"fineweb_val_000000.bin": shard_bytes(range(50))}
     files.update({f"fineweb_train_{i:06d}.bin": shard_bytes(range(i, i + 40 + i)) for i in range(1, n + 1)})
     hub.repos["kjj0/fineweb10B-gpt2"] = files
     return files
@@ -176,7 +195,9 @@ def test_download_fetches_skips_and_refetches(hub, tmp_path):
     for name in names:
         assert (out / name).read_bytes() == files[name]
     assert not (tmp_path / ".cache").exists()  # the working folder stays clean
-    assert {p for m, p in hub.log if m == "GET"} == {f"/datasets/kjj0/fineweb10B-gpt2/resolve/main/{n}" for n in names}
+    assert {p for m, p in hub.log if m == "GET"} == {
+        f"/datasets/kjj0/fineweb10B-gpt2/resolve/main/{n}" for n in names
+    }
 
     hub.log.clear()  # second run: everything present and valid, so not a single request
     rc, stdout, err = run("cached_fineweb10B.py", [2, "--dir", out], tmp_path, hub)
@@ -200,7 +221,9 @@ def test_download_reports_a_missing_file_repo_and_bad_n(hub, tmp_path):
     assert_one_line_error(rc, err, "fineweb_train_000004.bin", "not in dataset repo kjj0/fineweb10B-gpt2")
     assert len(list(out.glob("*.bin"))) == 4  # what did arrive is kept, and checked
 
-    rc, _, err = run("cached_fineweb10B.py", [1, "--set", "fineweb100B", "--dir", tmp_path / "d100"], tmp_path, hub)
+    rc, _, err = run(
+        "cached_fineweb10B.py", [1, "--set", "fineweb100B", "--dir", tmp_path / "d100"], tmp_path, hub
+    )
     assert_one_line_error(rc, err, "kjj0/fineweb100B-gpt2", "not found")
 
     for n in (104, -1):
@@ -227,7 +250,9 @@ def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
     """Both hub clients, against a hub that cannot be reached: one line within seconds, no files left, old shards kept."""
     endpoint = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
-    rc, stdout, err = run("cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_ENDPOINT=endpoint)
+    rc, stdout, err = run(
+        "cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_ENDPOINT=endpoint
+    )
     assert time.monotonic() - start < 10  # huggingface_hub alone retried for 24 s
     assert_one_line_error(rc, err, endpoint, "fineweb_val_000000.bin")
     assert err.count("\n") == 1 and stdout == ""
@@ -250,6 +275,7 @@ def test_download_offline_and_disk_full_messages(hub, tmp_path, monkeypatch):
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr("huggingface_hub.hf_hub_download", disk_full)
     with pytest.raises(SystemExit, match="disk full while downloading fineweb_val_000000.bin: free"):
         cached_fineweb10B.fetch(1, local_dir=tmp_path / "d", endpoint=hub.url)
@@ -257,15 +283,18 @@ def test_download_offline_and_disk_full_messages(hub, tmp_path, monkeypatch):
 
 # --- the GPT-2 vocabulary and the tokenizer ------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def gpt2():
     """tiktoken's gpt2 encoding; fetches the vocabulary from PyPI (openai-whisper sdist) if not cached yet."""
     from data.gpt2_vocab import ensure_gpt2
+
     return ensure_gpt2()
 
 
 def test_gpt2_vocab_offline(gpt2):
     import tiktoken
+
     assert gpt2.encode("Hello world") == [15496, 995]
     assert gpt2.eot_token == 50256 and gpt2.n_vocab == 50257
     assert tiktoken.get_encoding("r50k_base").encode(" ünïcode 🚀") == gpt2.encode(" ünïcode 🚀")
@@ -296,27 +325,40 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
 
     src = tmp_path / "my text"
     (src / "sub").mkdir(parents=True)
-    docs = ["Hello world", "Line one.\n\nLine two, ünïcode 🚀 and   spaces.", "A jsonl document.",
-            "Another one <|endoftext|> with the special text inside.", "Parquet row one.", "Parquet row two."]
+    docs = [
+        "Hello world",
+        "Line one.\n\nLine two, ünïcode 🚀 and   spaces.",
+        "A jsonl document.",
+        "Another one <|endoftext|> with the special text inside.",
+        "Parquet row one.",
+        "Parquet row two.",
+    ]
     (src / "a.txt").write_text(docs[0])
     (src / "b.txt").write_text(docs[1])
-    (src / "sub" / "c.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[2:4])))
+    (src / "sub" / "c.jsonl").write_text(
+        "\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[2:4]))
+    )
     pq.write_table(pa.table({"id": [1, 2], "text": docs[4:]}), src / "sub" / "d.parquet")
     (src / "notes.md").write_text("not picked up from a folder")
 
     out = tmp_path / "shards"
-    rc, stdout, err = run("fineweb.py", ["--input", src, "--name", "mine", "--out_dir", out, "--shard_size", 16,
-                                         "--workers", 2], tmp_path)
+    rc, stdout, err = run(
+        "fineweb.py",
+        ["--input", src, "--name", "mine", "--out_dir", out, "--shard_size", 16, "--workers", 2],
+        tmp_path,
+    )
     assert rc == 0, err
     paths = check_stream(gpt2, out, "mine", docs, 16)
     assert len(paths) >= 4
     assert f"--input_bin='{out}/mine_train_*.bin'" in stdout
 
     import train_gpt2  # the trainer's reader and loader agree with the writer
+
     for p in paths:
         assert np.array_equal(train_gpt2.read_shard(p), np.fromfile(p, np.uint16, offset=4 * HEADER_INTS))
         assert check_shard(p) == len(train_gpt2.read_shard(p))
     import torch
+
     loader = train_gpt2.ShardLoader(str(out / "mine_train_*.bin"), 1, 4, 0, 1, torch.device("cpu"))
     x, y = loader.next_batch()
     assert x[0].tolist() == train_gpt2.read_shard(paths[1])[:4].tolist()
@@ -324,8 +366,22 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
     # a glob and single files work too; existing shards are kept unless --overwrite
     rc, _, err = run("fineweb.py", ["--input", src / "*.txt", "--name", "mine", "--out_dir", out], tmp_path)
     assert_one_line_error(rc, err, "already has", "--overwrite")
-    rc, _, err = run("fineweb.py", ["--input", src / "*.txt", src / "sub" / "c.jsonl", "--name", "mine",
-                                    "--out_dir", out, "--shard_size", 1000, "--overwrite"], tmp_path)
+    rc, _, err = run(
+        "fineweb.py",
+        [
+            "--input",
+            src / "*.txt",
+            src / "sub" / "c.jsonl",
+            "--name",
+            "mine",
+            "--out_dir",
+            out,
+            "--shard_size",
+            1000,
+            "--overwrite",
+        ],
+        tmp_path,
+    )
     assert rc == 0, err
     assert "only a val shard" in err
     check_stream(gpt2, out, "mine", docs[:4], 1000)
@@ -339,11 +395,16 @@ def test_tokenize_rejects_bad_input_in_one_line(gpt2, tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "bad.parquet")
     (tmp_path / "doc.csv").write_text("a,b")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    for inp, words in [("bad.jsonl", ["bad.jsonl:2", "'text'"]), ("bad.parquet", ["no 'text' column", "body"]),
-                       ("doc.csv", ["doc.csv", "unsupported"]), ("missing/", ["no .txt/.jsonl/.parquet files"]),
-                       ("latin1.txt", ["latin1.txt", "UTF-8"])]:
-        rc, _, err = run("fineweb.py", ["--input", tmp_path / inp, "--out_dir", tmp_path / "o", "--overwrite"],
-                         tmp_path)
+    for inp, words in [
+        ("bad.jsonl", ["bad.jsonl:2", "'text'"]),
+        ("bad.parquet", ["no 'text' column", "body"]),
+        ("doc.csv", ["doc.csv", "unsupported"]),
+        ("missing/", ["no .txt/.jsonl/.parquet files"]),
+        ("latin1.txt", ["latin1.txt", "UTF-8"]),
+    ]:
+        rc, _, err = run(
+            "fineweb.py", ["--input", tmp_path / inp, "--out_dir", tmp_path / "o", "--overwrite"], tmp_path
+        )
         assert_one_line_error(rc, err, *words)
 
 
@@ -375,8 +436,22 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
     src.mkdir()
     docs = [f"Document {i} of the first corpus." for i in range(40)]
     (src / "old.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    rc, _, err = run("fineweb.py", ["--input", src / "old.jsonl", "--name", "mine", "--out_dir", out,
-                                    "--shard_size", 64, "--workers", 1], tmp_path)
+    rc, _, err = run(
+        "fineweb.py",
+        [
+            "--input",
+            src / "old.jsonl",
+            "--name",
+            "mine",
+            "--out_dir",
+            out,
+            "--shard_size",
+            64,
+            "--workers",
+            1,
+        ],
+        tmp_path,
+    )
     assert rc == 0, err
     old = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(old) > 3
@@ -388,19 +463,62 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
     # an input that fails after 300 documents: far enough for several new shards to be written first
     lines = [json.dumps({"text": f"New document {i}."}) for i in range(300)] + ["not json"]
     (src / "bad.jsonl").write_text("\n".join(lines))
-    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
-                                    "--shard_size", 64, "--workers", 1, "--overwrite"], tmp_path)
+    rc, _, err = run(
+        "fineweb.py",
+        [
+            "--input",
+            src / "bad.jsonl",
+            "--name",
+            "mine",
+            "--out_dir",
+            out,
+            "--shard_size",
+            64,
+            "--workers",
+            1,
+            "--overwrite",
+        ],
+        tmp_path,
+    )
     assert_one_line_error(rc, err, "bad.jsonl:301")
     assert "mine_train_000002.bin" in err  # new shards were complete before the input failed...
     assert "mine.tmp" in err and "mine_train_000007.bin.tmp" in err  # ...and the leftovers were named
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # yet the folder holds the old shards, only
 
-    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
-                                    "--shard_size", 10**4, "--overwrite"], tmp_path)
+    rc, _, err = run(
+        "fineweb.py",
+        [
+            "--input",
+            src / "bad.jsonl",
+            "--name",
+            "mine",
+            "--out_dir",
+            out,
+            "--shard_size",
+            10**4,
+            "--overwrite",
+        ],
+        tmp_path,
+    )
     assert_one_line_error(rc, err, "bad.jsonl:301")
     (src / "bad.jsonl").write_text("\n".join(lines[:3]))
-    rc, _, err = run("fineweb.py", ["--input", src / "bad.jsonl", "--name", "mine", "--out_dir", out,
-                                    "--shard_size", 10**4, "--overwrite"], tmp_path)
+    rc, _, err = run(
+        "fineweb.py",
+        [
+            "--input",
+            src / "bad.jsonl",
+            "--name",
+            "mine",
+            "--out_dir",
+            out,
+            "--shard_size",
+            10**4,
+            "--overwrite",
+        ],
+        tmp_path,
+    )
     assert rc == 0, err
     check_stream(gpt2, out, "mine", [f"New document {i}." for i in range(3)], 10**4)
-    assert [p.name for p in out.iterdir()] == ["mine_val_000000.bin"]  # the old train shards went with the old val
+    assert [p.name for p in out.iterdir()] == [
+        "mine_val_000000.bin"
+    ]  # the old train shards went with the old val

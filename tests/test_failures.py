@@ -1,4 +1,5 @@
 """The trainer under hostile use: every failure is one line, a true message, and nothing lost on disk."""
+
 import errno
 import glob
 import os
@@ -10,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, read_record
 
 import train_gpt2
-from conftest import ROOT, TINY_FLAGS, read_record
 
 STEPS = ["--num_iterations=6", "--warmdown_iters=2", "--val_loss_every=0", "--save_every_minutes=0"]
 
@@ -32,9 +33,13 @@ def tmpfs(tmp_path):
     """A 64 KiB filesystem, to fill up for real; skipped where this process may not mount one."""
     folder = tmp_path / "small_disk"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root): test_a_record_line_that_fails_is_left_out_whole "
-                    "fakes the same write error")
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
+        pytest.skip(
+            "cannot mount a tmpfs here (needs root): test_a_record_line_that_fails_is_left_out_whole "
+            "fakes the same write error"
+        )
     yield folder
     subprocess.run(["umount", "--lazy", str(folder)])  # a file torch.save left open must not keep it busy
 
@@ -42,24 +47,39 @@ def tmpfs(tmp_path):
 def test_a_full_disk_for_the_record_stops_the_run_with_a_checkpoint(shards, tmpfs, tmp_path):
     """The record's disk fills mid-run: the run stops at the next step with a checkpoint on the other disk,
     says which folder is full in one line, and the record holds whole lines only."""
-    flags = TINY_FLAGS + shards[:2] + [f"--records_dir={tmpfs}", f"--checkpoint_dir={tmp_path}/checkpoints",
-                                       "--num_iterations=5000", "--warmdown_iters=0", "--val_loss_every=0",
-                                       "--progress_seconds=0"]
-    run = subprocess.run([sys.executable, "train_gpt2.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    flags = (
+        TINY_FLAGS
+        + shards[:2]
+        + [
+            f"--records_dir={tmpfs}",
+            f"--checkpoint_dir={tmp_path}/checkpoints",
+            "--num_iterations=5000",
+            "--warmdown_iters=0",
+            "--val_loss_every=0",
+            "--progress_seconds=0",
+        ]
+    )
+    run = subprocess.run(
+        [sys.executable, "train_gpt2.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert len(run.stderr.splitlines()) == 1 and "full" in run.stderr and str(tmpfs) in run.stderr
     saved = checkpoints(f"{tmp_path}/checkpoints")
     assert len(saved) == 1 and saved[0].endswith(".pt")  # no progress lost
     record = read_record(tmpfs)
     assert record.endswith("\n")  # only whole lines
-    recorded = [int(line.split(":")[1].split("/")[0]) for line in record.splitlines() if line.startswith("step:")]
+    recorded = [
+        int(line.split(":")[1].split("/")[0]) for line in record.splitlines() if line.startswith("step:")
+    ]
     assert 0 < recorded[-1] <= int(saved[0][-9:-3]) < 5000  # the checkpoint holds every step the record shows
 
 
 def test_a_full_disk_for_checkpoints_is_one_line_and_leaves_no_temp_file(shards, tmpfs, tmp_path):
-    flags = TINY_FLAGS + shards[:2] + [f"--records_dir={tmp_path}/records", f"--checkpoint_dir={tmpfs}", *STEPS,
-                                       "--save_every=3"]
+    flags = (
+        TINY_FLAGS
+        + shards[:2]
+        + [f"--records_dir={tmp_path}/records", f"--checkpoint_dir={tmpfs}", *STEPS, "--save_every=3"]
+    )
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main(flags)
     message = one_line(stop)
@@ -77,14 +97,17 @@ def test_a_record_line_that_fails_is_left_out_whole(tmp_path, monkeypatch):
 
     def half_then_full(fd, data):  # the disk takes half the line, then is full
         if fd == log.fd and len(data) > 4:
-            real_write(fd, data[:len(data) // 2])
+            real_write(fd, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
+
     monkeypatch.setattr(os, "write", half_then_full)
     log("a long second line that will not fit", console=False)
     assert "full" in str(log.error) and str(tmp_path) in str(log.error)
     monkeypatch.undo()
-    log("third", console=False)  # the disk has room again, but a record with a hole would mislead: console only
+    log(
+        "third", console=False
+    )  # the disk has room again, but a record with a hole would mislead: console only
     log.close()
     assert (tmp_path / "record.txt").read_text() == "first line\n"
 
@@ -92,8 +115,9 @@ def test_a_record_line_that_fails_is_left_out_whole(tmp_path, monkeypatch):
 def test_an_existing_records_dir_that_cannot_be_written_is_one_line(shards, tmp_path):
     folder = tmp_path / "read_only"
     folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                      capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True
+    ).returncode:
         pytest.skip("cannot mount a read-only tmpfs here; the file-as-folder case is in test_loader.py")
     try:
         with pytest.raises(SystemExit) as stop:
@@ -179,6 +203,7 @@ def test_a_signal_during_start_up_stops_at_once(shards, monkeypatch, capsys):
         os.kill(os.getpid(), signal.SIGTERM)  # as if it came during the shard checks or the compilation
         time.sleep(30)
         return slow_build(*args)
+
     monkeypatch.setattr(train_gpt2, "build_run", build_then_get_signalled)
     started = time.monotonic()
     assert train_gpt2.main(TINY_FLAGS + shards + STEPS) == 128 + signal.SIGTERM
@@ -210,10 +235,26 @@ def failing_load(self):
 train_gpt2.ShardLoader._load = failing_load
 sys.exit(train_gpt2.main(sys.argv[1:]))
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                          "--nproc_per_node=2", str(script), *TINY_FLAGS, *shards, "--num_iterations=20",
-                          "--warmdown_iters=2", "--val_loss_every=0"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            "--nproc_per_node=2",
+            str(script),
+            *TINY_FLAGS,
+            *shards,
+            "--num_iterations=20",
+            "--warmdown_iters=2",
+            "--val_loss_every=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode != 0
     lines = read_record(f"{tmp_path}/records").splitlines()
     assert lines[-2].startswith("stopped: rank 1 failed: shard_x.bin: only rank 1 reads this")
@@ -222,13 +263,32 @@ sys.exit(train_gpt2.main(sys.argv[1:]))
 
 def test_a_checkpoint_that_fails_to_save_ends_every_rank(shards, tmpfs, tmp_path):
     """Only rank 0 writes: its full disk must not leave rank 1 waiting in the next step's collectives."""
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                          "--nproc_per_node=2", "train_gpt2.py", *TINY_FLAGS, *shards[:3], f"--checkpoint_dir={tmpfs}",
-                          *STEPS, "--save_every=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            "--nproc_per_node=2",
+            "train_gpt2.py",
+            *TINY_FLAGS,
+            *shards[:3],
+            f"--checkpoint_dir={tmpfs}",
+            *STEPS,
+            "--save_every=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert checkpoints(tmpfs) == []
     lines = read_record(f"{tmp_path}/records").splitlines()
-    assert lines[-2].startswith("stopped: rank ") and "full" in lines[-2] and lines[-1].startswith("summary: ")
+    assert (
+        lines[-2].startswith("stopped: rank ") and "full" in lines[-2] and lines[-1].startswith("summary: ")
+    )
 
 
 def test_keeping_no_checkpoint_is_refused_before_anything_is_written(shards, tmp_path):
@@ -241,10 +301,12 @@ def test_keeping_no_checkpoint_is_refused_before_anything_is_written(shards, tmp
 
 def test_a_checkpoint_write_that_fails_on_a_full_disk_is_one_line(shards, tmp_path, monkeypatch, capsys):
     """Sibling of the tmpfs test where no filesystem can be mounted: torch.save fails as it does on a full disk."""
+
     def full_disk_save(state, path):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7552 vs 7446")
+
     monkeypatch.setattr(torch, "save", full_disk_save)
     monkeypatch.setattr(train_gpt2.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     with pytest.raises(SystemExit) as stop:

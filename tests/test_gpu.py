@@ -3,6 +3,7 @@
 Each is skipped without a CUDA GPU and names its CPU sibling, which checks the same logic on the CPU
 (fp32 there, the recipe's CPU path) in every CI run.
 """
+
 import math
 import re
 import subprocess
@@ -10,17 +11,25 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, read_record
 
 import train_gpt2
-from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, read_record
-from train_gpt2 import (GPT, CastedLinear, build_optimizers, cast_model, choose_device_batch_size,
-                        newton_schulz_orthogonalize, parse_args)
+from train_gpt2 import (
+    GPT,
+    CastedLinear,
+    build_optimizers,
+    cast_model,
+    choose_device_batch_size,
+    newton_schulz_orthogonalize,
+    parse_args,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU; the CPU siblings are tests/test_model.py::test_bf16_casts_keep_fp32_master_weights_for_"
-           "linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_complete_record, "
-           "tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits and tests/test_gpu_benchmark.py")
+    "linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_complete_record, "
+    "tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits and tests/test_gpu_benchmark.py",
+)
 
 CUDA = torch.device("cuda")
 
@@ -28,12 +37,18 @@ CUDA = torch.device("cuda")
 def test_bf16_casts_on_cuda():
     """CPU sibling: tests/test_model.py::test_bf16_casts_keep_fp32_master_weights_for_linears."""
     torch.manual_seed(0)
-    for args, batch in ((parse_args(["--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256"]), 4),
-                        (parse_args([]), 2)):  # tiny, then the full 124M config at context 1024
+    for args, batch in (
+        (parse_args(["--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256"]), 4),
+        (parse_args([]), 2),
+    ):  # tiny, then the full 124M config at context 1024
         model = cast_model(GPT.from_args(args).to(CUDA), train_gpt2.compute_dtype(CUDA))
         assert train_gpt2.compute_dtype(CUDA) == torch.bfloat16
         assert model.embed.weight.dtype == torch.bfloat16
-        assert model.blocks[0].x0_mixing.dtype == model.blocks[0].attn.value_residual_lambda.dtype == torch.bfloat16
+        assert (
+            model.blocks[0].x0_mixing.dtype
+            == model.blocks[0].attn.value_residual_lambda.dtype
+            == torch.bfloat16
+        )
         assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, CastedLinear))
         assert not list(model.buffers())  # rotary angles are computed in fp32 each forward, never cast
         idx = torch.randint(0, args.vocab_size, (batch, 1024), device=CUDA)
@@ -64,9 +79,21 @@ def test_compiled_cuda_run_learns_and_names_the_gpu(shards):
 
     A subprocess, so that compile and the attention-backend switches stay out of this test process."""
     flags = [f for f in TINY_FLAGS if not f.startswith("--device=")] + ["--device=cuda", "--compile=true"]
-    proc = subprocess.run([sys.executable, "train_gpt2.py", *flags, *shards, "--num_iterations=50",
-                           "--warmdown_iters=15", "--progress_seconds=0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_gpt2.py",
+            *flags,
+            *shards,
+            "--num_iterations=50",
+            "--warmdown_iters=15",
+            "--progress_seconds=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = read_record(shards[2].split("=", 1)[1])
     train, val = losses(record), losses(record, "val_loss")
@@ -75,8 +102,11 @@ def test_compiled_cuda_run_learns_and_names_the_gpu(shards):
     assert val[-1] < 0.7 * val[0]  # the chain is 90% predictable: the loss must fall far
     assert "--compile=true\n" in record and "--device=cuda\n" in record
     summary = record.splitlines()[-1]
-    assert re.fullmatch(r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
-                        r"peak_memory:\d+MiB world_size:1 device:.+", summary)
+    assert re.fullmatch(
+        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
+        r"peak_memory:\d+MiB world_size:1 device:.+",
+        summary,
+    )
     assert summary.endswith(f"device:{torch.cuda.get_device_name(0)}")
 
 

@@ -4,25 +4,35 @@ tests/gpu_check.sh runs the same script with --preset full24gb on a GPU (--prese
 same code path (synthetic shards, trainer subprocess, record parsing, FLOP count, memory verdict)
 runs on the CPU in seconds.
 """
+
 import json
 import os
 import re
 import subprocess
 import sys
 
-import pytest
-
 import gpu_benchmark
-import train_gpt2
+import pytest
 from conftest import ROOT
+
+import train_gpt2
 
 SCRIPT = os.path.join(ROOT, "tests", "gpu_benchmark.py")
 
 
 def run_benchmark(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: one thread is fastest, also on a busy machine
-    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--json", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+    }  # a tiny model: one thread is fastest, also on a busy machine
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--preset", "tiny", "--json", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -39,7 +49,12 @@ def test_tiny_benchmark_numbers_are_consistent(tmp_path):
     assert "gpu_benchmark: PASS" in proc.stdout and "ms per micro-step" in proc.stdout
     assert result["device"].startswith("CPU ") and result["world_size"] == 1
     assert (result["steps"], result["untimed_steps"], result["timed_steps"]) == (20, 2, 18)
-    assert (result["batch_size"], result["seq_len"], result["device_batch_size"], result["accum_steps"]) == (8, 32, 4, 2)
+    assert (result["batch_size"], result["seq_len"], result["device_batch_size"], result["accum_steps"]) == (
+        8,
+        32,
+        4,
+        2,
+    )
 
     # The record's own summary is the source of the step time.
     with open(result["record"]) as f:
@@ -83,25 +98,44 @@ def test_full_config_is_about_085_gflop_per_token():
 
 def test_metrics_of_a_24gb_record():
     """What gpu_check.sh's 24 GB stage reports, from a record as an H100 would write it."""
-    flags = train_gpt2.Hyperparameters(batch_size=512, device_batch_size=16, val_tokens=524288,
-                                       memory_limit_gb=24).as_flags()
-    record = "\n".join(["source", "=" * 100, "Running Python 3", "Hyperparameters:", *flags, "Notes:",
-                        "attention: cuDNN SDPA (Hopper)", "device_batch_size: 16 (auto: the largest that fits; 32 did not)",
-                        "=" * 100, "step:1/15 train_loss:10.8258 train_time:0ms step_avg:nanms",
-                        "step:15/15 train_loss:7.0000 train_time:16000ms step_avg:1600.00ms",
-                        "step:15/15 val_loss:7.1000 train_time:16000ms step_avg:1600.00ms",
-                        "summary: final_val_loss:7.1000 train_time:16000ms step_avg:1600.00ms peak_memory:20480MiB "
-                        "world_size:1 device:NVIDIA H100 80GB HBM3", ""])
+    flags = train_gpt2.Hyperparameters(
+        batch_size=512, device_batch_size=16, val_tokens=524288, memory_limit_gb=24
+    ).as_flags()
+    record = "\n".join(
+        [
+            "source",
+            "=" * 100,
+            "Running Python 3",
+            "Hyperparameters:",
+            *flags,
+            "Notes:",
+            "attention: cuDNN SDPA (Hopper)",
+            "device_batch_size: 16 (auto: the largest that fits; 32 did not)",
+            "=" * 100,
+            "step:1/15 train_loss:10.8258 train_time:0ms step_avg:nanms",
+            "step:15/15 train_loss:7.0000 train_time:16000ms step_avg:1600.00ms",
+            "step:15/15 val_loss:7.1000 train_time:16000ms step_avg:1600.00ms",
+            "summary: final_val_loss:7.1000 train_time:16000ms step_avg:1600.00ms peak_memory:20480MiB "
+            "world_size:1 device:NVIDIA H100 80GB HBM3",
+            "",
+        ]
+    )
     parsed = gpu_benchmark.parse_record(record)
     result = gpu_benchmark.compute_metrics(parsed, 989.0, max_memory_gb=24)
     assert result["device"] == "NVIDIA H100 80GB HBM3"
     assert (result["device_batch_size"], result["accum_steps"]) == (16, 32)
-    assert result["device_batch_size_note"] == "device_batch_size: 16 (auto: the largest that fits; 32 did not)"
+    assert (
+        result["device_batch_size_note"] == "device_batch_size: 16 (auto: the largest that fits; 32 did not)"
+    )
     assert result["ms_per_micro_step"] == pytest.approx(50.0)
     assert result["tokens_per_s"] == pytest.approx(524288 / 1.6)
     assert result["mfu"] == pytest.approx(result["flops_per_token"] * 524288 / 1.6 / 989e12)
     assert result["peak_memory_gib"] == 20.0 and result["memory_ok"] is True
-    assert (result["first_train_loss"], result["last_train_loss"], result["final_val_loss"]) == (10.8258, 7.0, 7.1)
+    assert (result["first_train_loss"], result["last_train_loss"], result["final_val_loss"]) == (
+        10.8258,
+        7.0,
+        7.1,
+    )
     over = gpu_benchmark.parse_record(record.replace("peak_memory:20480MiB", "peak_memory:24576MiB"))
     assert gpu_benchmark.compute_metrics(over, 989.0, max_memory_gb=24)["memory_ok"] is False
     text = gpu_benchmark.table(result, "full24gb")

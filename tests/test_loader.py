@@ -1,10 +1,11 @@
 """The shard format and the loader: windows, rollover, and one clear error per bad input."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FLAGS, learnable_tokens, read_record
 
 import train_gpt2
-from conftest import TINY_FLAGS, learnable_tokens, read_record
 from data.shards import HEADER_INTS, SHARD_MAGIC, write_shard
 from train_gpt2 import ShardError, ShardLoader, read_shard
 
@@ -46,8 +47,10 @@ def test_rank_windows_are_disjoint_and_cover_the_step(tmp_path):
         inputs = torch.cat([x.flatten() for x, _ in parts]).numpy()
         targets = torch.cat([y.flatten() for _, y in parts]).numpy()
         start = step * batch * seq
-        assert np.array_equal(inputs, tokens[start:start + batch * seq])  # disjoint, in order, nothing missing
-        assert np.array_equal(targets, tokens[start + 1:start + batch * seq + 1])
+        assert np.array_equal(
+            inputs, tokens[start : start + batch * seq]
+        )  # disjoint, in order, nothing missing
+        assert np.array_equal(targets, tokens[start + 1 : start + batch * seq + 1])
 
 
 @pytest.mark.parametrize("world", [2, 8])
@@ -55,9 +58,11 @@ def test_token_stream_is_the_same_for_any_world_size(tmp_path, world):
     """1 device x 8 micro-steps, 2 x 4 and 8 x 1 see the same tokens in every step, across shard boundaries:
     a rank's micro-batches are row chunks of its share, so the micro-batch size cannot change the tokens."""
     pattern, _ = stream(tmp_path, [1000, 700, 900])
+
     def global_batches(world):
         loaders = [ShardLoader(pattern, 8, 16, rank, world, CPU) for rank in range(world)]
         return [torch.cat([loader.next_batch()[0] for loader in loaders]) for _ in range(10)]
+
     for one, many in zip(global_batches(1), global_batches(world)):
         assert torch.equal(one, many)
 
@@ -69,10 +74,14 @@ def test_shard_rollover_drops_the_leftover(tmp_path):
     x2, _ = loader.next_batch()
     x3, y3 = loader.next_batch()  # 256 + 129 > 300: the last 44 tokens of shard 0 are dropped
     assert np.array_equal(x2.flatten().numpy(), first[128:256])
-    assert np.array_equal(x3.flatten().numpy(), second[:128]) and np.array_equal(y3.flatten().numpy(), second[1:129])
+    assert np.array_equal(x3.flatten().numpy(), second[:128]) and np.array_equal(
+        y3.flatten().numpy(), second[1:129]
+    )
     for _ in range(2):
         loader.next_batch()
-    assert np.array_equal(loader.next_batch()[0].flatten().numpy(), first[:128])  # after the last shard: the first
+    assert np.array_equal(
+        loader.next_batch()[0].flatten().numpy(), first[:128]
+    )  # after the last shard: the first
 
 
 def test_reset_restarts_at_the_first_shard(tmp_path):
@@ -91,11 +100,14 @@ def write_header(path, magic=SHARD_MAGIC, version=1, count=100, payload=100):
     return path
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(magic=12345), "magic number 12345 is not 20240520"),
-    (dict(version=2), "shard version 2 is not 1"),
-    (dict(count=100, payload=90), "header says 100 tokens .* but the file has 1204 bytes"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(magic=12345), "magic number 12345 is not 20240520"),
+        (dict(version=2), "shard version 2 is not 1"),
+        (dict(count=100, payload=90), "header says 100 tokens .* but the file has 1204 bytes"),
+    ],
+)
 def test_bad_shard_header_is_named(tmp_path, bad, message):
     path = write_header(tmp_path / "bad.bin", **bad)
     with pytest.raises(ShardError, match=f"{path}: {message}"):
@@ -134,7 +146,9 @@ def test_missing_data_is_one_line_at_startup(tmp_path, capsys):
 def test_token_ids_beyond_the_vocab_are_named_when_the_shard_opens(tmp_path):
     write_shard(tmp_path / "wide_000000.bin", np.arange(1000) % 256)
     write_shard(tmp_path / "wide_000001.bin", np.arange(1000) % 300)
-    loader = ShardLoader(str(tmp_path / "wide_*.bin"), 2, 64, 0, 1, CPU, vocab_size=256)  # the first shard is fine
+    loader = ShardLoader(
+        str(tmp_path / "wide_*.bin"), 2, 64, 0, 1, CPU, vocab_size=256
+    )  # the first shard is fine
     with pytest.raises(ShardError, match="wide_000001.bin: token 256 is id 256.*--vocab_size=256"):
         for _ in range(8):  # 7 steps in the first shard, then the second opens
             loader.next_batch()
@@ -169,8 +183,14 @@ def test_a_folder_matching_the_pattern_is_named(tmp_path):
 
 def test_running_past_the_data_is_noted_in_the_record(tmp_path, shards, capsys):
     # two shards of 6000 tokens at 256 tokens per step: 23 steps each, 46 before the stream starts over
-    assert train_gpt2.main(TINY_FLAGS + shards + ["--num_iterations=50", "--warmdown_iters=1", "--val_loss_every=0",
-                                                  "--save_every_minutes=0"]) == 0
+    assert (
+        train_gpt2.main(
+            TINY_FLAGS
+            + shards
+            + ["--num_iterations=50", "--warmdown_iters=1", "--val_loss_every=0", "--save_every_minutes=0"]
+        )
+        == 0
+    )
     record = read_record(shards[2].split("=", 1)[1])
     assert "data: the train shards hold 46 steps; later steps see the same tokens again" in record
 
@@ -179,7 +199,10 @@ def test_running_past_the_data_is_noted_in_the_record(tmp_path, shards, capsys):
 def test_an_unwritable_output_folder_is_one_line_at_startup(tmp_path, shards, flag):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as stop:
-        train_gpt2.main(TINY_FLAGS + shards + [f"--{flag}={tmp_path}/file/sub", "--num_iterations=2",
-                                               "--warmdown_iters=1"])
+        train_gpt2.main(
+            TINY_FLAGS
+            + shards
+            + [f"--{flag}={tmp_path}/file/sub", "--num_iterations=2", "--warmdown_iters=1"]
+        )
     message = str(stop.value)
     assert "\n" not in message and f"{tmp_path}/file" in message and f"--{flag}" in message

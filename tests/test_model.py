@@ -1,15 +1,22 @@
 """The model, item by item as the recipe lists it."""
+
 import math
 
-import pytest
 import torch
 
 from train_gpt2 import GPT, CastedLinear, Hyperparameters, apply_rotary, cast_model, rms_norm, rotary_cos_sin
 
 
 def tiny_model(**overrides):
-    shape = dict(vocab_size=256, num_layers=2, model_dim=64, num_heads=2, mlp_ratio=4, rope_base=10000.0,
-                 logit_softcap=30.0)
+    shape = dict(
+        vocab_size=256,
+        num_layers=2,
+        model_dim=64,
+        num_heads=2,
+        mlp_ratio=4,
+        rope_base=10000.0,
+        logit_softcap=30.0,
+    )
     torch.manual_seed(0)
     return GPT(**{**shape, **overrides})
 
@@ -117,9 +124,12 @@ def test_rotary_angles_are_fp32_exact_then_cast():
 def test_rotary_is_a_rotation_that_keeps_relative_positions():
     cos, sin = rotary_cos_sin(8, 16, 10000.0, torch.float64, torch.device("cpu"))
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
-    rotated_q, rotated_k = apply_rotary(q.expand(1, 8, 1, 16), cos, sin), apply_rotary(k.expand(1, 8, 1, 16), cos, sin)
+    rotated_q, rotated_k = (
+        apply_rotary(q.expand(1, 8, 1, 16), cos, sin),
+        apply_rotary(k.expand(1, 8, 1, 16), cos, sin),
+    )
     assert torch.allclose(rotated_q.norm(dim=-1), q.norm(dim=-1).expand(1, 8, 1))
-    scores = (rotated_q[0, :, 0] @ rotated_k[0, :, 0].T)
+    scores = rotated_q[0, :, 0] @ rotated_k[0, :, 0].T
     assert torch.allclose(scores[2, 0], scores[7, 5]) and torch.allclose(scores[3, 1], scores[6, 4])
 
 

@@ -1,4 +1,5 @@
 """Muon: Newton-Schulz orthogonalization, the update's scale, Nesterov momentum."""
+
 import pytest
 import torch
 
@@ -46,6 +47,8 @@ def test_muon_uses_nesterov_momentum():
     p, grads = run_muon((32, 64), steps=2)
     buf1 = grads[0]
     buf2 = 0.95 * buf1 + grads[1]
-    expected = -(newton_schulz_orthogonalize(grads[0] + 0.95 * buf1, 5, torch.float32)
-                 + newton_schulz_orthogonalize(grads[1] + 0.95 * buf2, 5, torch.float32))
+    expected = -(
+        newton_schulz_orthogonalize(grads[0] + 0.95 * buf1, 5, torch.float32)
+        + newton_schulz_orthogonalize(grads[1] + 0.95 * buf2, 5, torch.float32)
+    )
     assert torch.allclose(p, expected, atol=1e-5)

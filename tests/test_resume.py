@@ -1,4 +1,5 @@
 """Long runs: checkpoints, resume to the same losses (on any world size), auto micro-batch, several nodes."""
+
 import glob
 import os
 import re
@@ -10,10 +11,10 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, losses, read_record
 
 import train_gpt2
-from conftest import ROOT, TINY_FLAGS, losses, read_record
-from train_gpt2 import CheckpointError, GPT, choose_device_batch_size, load_checkpoint, parse_args
+from train_gpt2 import GPT, CheckpointError, choose_device_batch_size, load_checkpoint, parse_args
 
 STEPS = ["--num_iterations=20", "--warmdown_iters=8", "--val_loss_every=5", "--save_every_minutes=0"]
 
@@ -25,9 +26,15 @@ def run_in_process(flags, records_dir):
 
 def step_losses(record, start):
     """{(kind, step): loss} of what a run resumed at step `start` logs: val from `start` on, train after it."""
-    return {(kind, int(step)): float(loss) for step, _, kind, loss, _, _ in
-            re.findall(r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$",
-                       record, re.M) if int(step) > start or (kind == "val_loss" and int(step) == start)}
+    return {
+        (kind, int(step)): float(loss)
+        for step, _, kind, loss, _, _ in re.findall(
+            r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$",
+            record,
+            re.M,
+        )
+        if int(step) > start or (kind == "val_loss" and int(step) == start)
+    }
 
 
 @pytest.fixture
@@ -41,7 +48,9 @@ def uninterrupted(shards, tmp_path):
 
 def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(shards, tmp_path, uninterrupted, capsys):
     full, checkpoint = uninterrupted
-    resumed = run_in_process(shards[:2] + [shards[3]] + STEPS + [f"--resume={checkpoint}"], tmp_path / "resumed")
+    resumed = run_in_process(
+        shards[:2] + [shards[3]] + STEPS + [f"--resume={checkpoint}"], tmp_path / "resumed"
+    )
     assert step_losses(resumed, 10) == step_losses(full, 10)  # exact: same fp32 ops in the same order
     assert len(step_losses(resumed, 10)) == 10 + 3  # train 11..20, val at 10, 15, 20
     assert f"resumed_from: {checkpoint} at step 10 (parent record {tmp_path}/full/" in resumed
@@ -64,15 +73,34 @@ def test_timed_total_is_the_sum_of_the_timed_parts(shards, tmp_path, uninterrupt
     total_ms = float(summary["train_time"].rstrip("ms"))
     last_val = re.findall(r"^step:20/20 val_loss:\S+ train_time:(\d+)ms step_avg:(\S+)ms$", resumed, re.M)[0]
     assert total_ms >= before["train_ms"] and int(last_val[0]) == round(total_ms)
-    assert float(last_val[1]) == pytest.approx(total_ms / (8 + 10 - 2), abs=0.05)  # 2 untimed steps again; ms rounded
+    assert float(last_val[1]) == pytest.approx(
+        total_ms / (8 + 10 - 2), abs=0.05
+    )  # 2 untimed steps again; ms rounded
 
 
 def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tmp_path, uninterrupted):
     full, checkpoint = uninterrupted
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                          "--nproc_per_node=2", "train_gpt2.py", f"--resume={checkpoint}", "--device_batch_size=2",
-                          "--device=cpu", f"--records_dir={tmp_path}/two", shards[3]],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--local-addr=127.0.0.1",
+            "--nproc_per_node=2",
+            "train_gpt2.py",
+            f"--resume={checkpoint}",
+            "--device_batch_size=2",
+            "--device=cpu",
+            f"--records_dir={tmp_path}/two",
+            shards[3],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     two = read_record(f"{tmp_path}/two")
     assert "world_size:2" in two and "--device_batch_size=2\n" in two  # 2 ranks x 2 micro-steps x 2 sequences
@@ -89,7 +117,9 @@ def test_resume_latest_takes_the_newest_checkpoint(shards, tmp_path, uninterrupt
 
 
 def test_checkpoints_are_atomic_and_only_the_newest_are_kept(shards, tmp_path, capsys):
-    run_in_process(shards[:2] + [shards[3]] + STEPS + ["--save_every=3", "--keep_checkpoints=2"], tmp_path / "r")
+    run_in_process(
+        shards[:2] + [shards[3]] + STEPS + ["--save_every=3", "--keep_checkpoints=2"], tmp_path / "r"
+    )
     names = sorted(os.path.basename(p).split("-step")[1] for p in glob.glob(f"{tmp_path}/checkpoints/run/*"))
     assert names == ["000018.pt", "000020.pt"]  # no .tmp left behind
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/checkpoints/run/*-step000020.pt")[0])
@@ -103,7 +133,9 @@ def test_a_checkpoint_of_another_shape_is_refused(shards, tmp_path, uninterrupte
         train_gpt2.main([f"--resume={checkpoint}", "--model_dim=128"])
 
 
-@pytest.mark.parametrize("content, message", [(None, "no checkpoint at"), (b"not a zip", "is not a readable checkpoint")])
+@pytest.mark.parametrize(
+    "content, message", [(None, "no checkpoint at"), (b"not a zip", "is not a readable checkpoint")]
+)
 def test_a_missing_or_foreign_checkpoint_is_refused(tmp_path, content, message):
     path = tmp_path / "x.pt"
     if content is not None:
@@ -125,15 +157,24 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
     assert (size, tried) == (16, [64, 32, 16])  # divisors of the 256 sequences per device, at most 64
     assert note == "auto: the largest that fits; 32 did not"
     assert choose_device_batch_size(model, args, 1, torch.device("cpu"))[0] == 64
-    assert choose_device_batch_size(model, parse_args(["--batch_size=24", "--val_tokens=24576"]), 1,
-                                    torch.device("cpu"))[0] == 24
+    assert (
+        choose_device_batch_size(
+            model, parse_args(["--batch_size=24", "--val_tokens=24576"]), 1, torch.device("cpu")
+        )[0]
+        == 24
+    )
     with pytest.raises(train_gpt2.ConfigError, match="not even one sequence"):
         choose_device_batch_size(model, args, 1, torch.device("cpu"), fits=lambda size: False)
 
 
 def test_auto_micro_batch_is_logged(shards, tmp_path, capsys):
     flags = [f for f in TINY_FLAGS if not f.startswith("--device_batch_size")]
-    assert train_gpt2.main(flags + shards + ["--num_iterations=2", "--warmdown_iters=1", "--device_batch_size=auto"]) == 0
+    assert (
+        train_gpt2.main(
+            flags + shards + ["--num_iterations=2", "--warmdown_iters=1", "--device_batch_size=auto"]
+        )
+        == 0
+    )
     record = read_record(shards[2].split("=", 1)[1])
     assert "--device_batch_size=8\n" in record
     assert "device_batch_size: 8 (auto on CPU: no memory probe, the largest candidate)" in record
@@ -147,16 +188,37 @@ def free_port():
 
 def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, capsys):
     """run.sh on two 'nodes' (one gloo process each, c10d rendezvous on loopback) equals one process."""
-    flags = TINY_FLAGS + shards[:2] + [shards[3], "--num_iterations=4", "--warmdown_iters=2", "--val_loss_every=2"]
+    flags = (
+        TINY_FLAGS
+        + shards[:2]
+        + [shards[3], "--num_iterations=4", "--warmdown_iters=2", "--val_loss_every=2"]
+    )
     single = run_in_process(flags, tmp_path / "one")
-    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "LOCAL_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "NPROC_PER_NODE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "LOCAL_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+    }
     # Output goes to files: a node blocked on a full, unread pipe would hold the other at torchrun's exit barrier.
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [subprocess.Popen(["bash", "run.sh", *flags, f"--records_dir={tmp_path}/node{rank}"], cwd=ROOT,
-                              env={**env, "NODE_RANK": str(rank)}, stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT)
-             for rank in (0, 1)]
-    deadline = time.time() + 240  # stop at the first failure: it holds the other node at torchrun's 300 s exit barrier
+    nodes = [
+        subprocess.Popen(
+            ["bash", "run.sh", *flags, f"--records_dir={tmp_path}/node{rank}"],
+            cwd=ROOT,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=open(logs[rank], "w"),
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (0, 1)
+    ]
+    deadline = (
+        time.time() + 240
+    )  # stop at the first failure: it holds the other node at torchrun's 300 s exit barrier
     while time.time() < deadline and None in (codes := [node.poll() for node in nodes]) and not any(codes):
         time.sleep(0.2)
     for node in nodes:
@@ -174,10 +236,24 @@ def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, caps
 
 
 def test_sigterm_checkpoints_then_resume_matches(shards, tmp_path, capsys):
-    flags = TINY_FLAGS + shards[:2] + [shards[3], "--num_iterations=400", "--warmdown_iters=100",
-                                       "--val_loss_every=0", "--save_every_minutes=0"]
-    run = subprocess.Popen([sys.executable, "train_gpt2.py", *flags, f"--records_dir={tmp_path}/stopped"], cwd=ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flags = (
+        TINY_FLAGS
+        + shards[:2]
+        + [
+            shards[3],
+            "--num_iterations=400",
+            "--warmdown_iters=100",
+            "--val_loss_every=0",
+            "--save_every_minutes=0",
+        ]
+    )
+    run = subprocess.Popen(
+        [sys.executable, "train_gpt2.py", *flags, f"--records_dir={tmp_path}/stopped"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not glob.glob(f"{tmp_path}/stopped/*/*.txt"):
         time.sleep(0.1)
@@ -189,10 +265,12 @@ def test_sigterm_checkpoints_then_resume_matches(shards, tmp_path, capsys):
     stopped = read_record(f"{tmp_path}/stopped")
     step = int(re.search(r"^stopped: SIGTERM at step (\d+): checkpoint saved", stopped, re.M)[1])
     assert step < 400
-    resumed = run_in_process(flags[len(TINY_FLAGS):] + ["--resume=latest"], tmp_path / "resumed")
+    resumed = run_in_process(flags[len(TINY_FLAGS) :] + ["--resume=latest"], tmp_path / "resumed")
     assert f"at step {step} " in resumed
-    uninterrupted = run_in_process(flags[len(TINY_FLAGS):], tmp_path / "uninterrupted")
-    assert step_losses(resumed, step) == step_losses(uninterrupted, step)  # every loss after the stop, exactly
+    uninterrupted = run_in_process(flags[len(TINY_FLAGS) :], tmp_path / "uninterrupted")
+    assert step_losses(resumed, step) == step_losses(
+        uninterrupted, step
+    )  # every loss after the stop, exactly
     before_stop = {k: v for k, v in step_losses(uninterrupted, 0).items() if k[1] <= step}
     assert step_losses(stopped, 0) == before_stop
 
@@ -203,5 +281,8 @@ def test_learning_rates_given_on_resume_take_effect(uninterrupted):
     args.compile = False
     (_, _, adam, muon, _, _), step, _, _ = train_gpt2.build_run(args, 0, 1, torch.device("cpu"), saved)
     assert step == 10 and adam.state  # the optimizer state came from the checkpoint...
-    assert adam.param_groups[0]["initial_lr"] == 0.1 and adam.param_groups[0]["betas"] == (0.9, 0.99)  # ...not its lrs
+    assert adam.param_groups[0]["initial_lr"] == 0.1 and adam.param_groups[0]["betas"] == (
+        0.9,
+        0.99,
+    )  # ...not its lrs
     assert muon.orthogonalize is train_gpt2.newton_schulz_orthogonalize  # --compile=false: nothing compiled

@@ -1,4 +1,5 @@
 """sample.py on a tiny random checkpoint, on the CPU: CLI output, seeds, length, vocab mask, greedy, errors."""
+
 import dataclasses
 import os
 import select
@@ -30,6 +31,7 @@ def one_thread():
 def gpt2():
     """tiktoken's gpt2 encoding; the vocabulary comes from PyPI (openai-whisper sdist) if not cached yet."""
     from data.gpt2_vocab import ensure_gpt2
+
     return ensure_gpt2()  # also sets TIKTOKEN_CACHE_DIR, which the CLI subprocesses inherit
 
 
@@ -37,14 +39,25 @@ def gpt2():
 def tiny(tmp_path_factory):
     """(model, args, checkpoint path): 1 block of width 32, the padded GPT-2 vocab, 16-token context."""
     torch.manual_seed(0)
-    args = Hyperparameters(vocab_size=50304, num_layers=1, model_dim=32, num_heads=2, seq_len=SEQ_LEN, device="cpu")
+    args = Hyperparameters(
+        vocab_size=50304, num_layers=1, model_dim=32, num_heads=2, seq_len=SEQ_LEN, device="cpu"
+    )
     model = GPT.from_args(args)
     with torch.no_grad():
         model.lm_head.weight.normal_()  # the zero-initialized head would predict a uniform distribution
     state = {k: v.to(torch.bfloat16) if k == "embed.weight" else v for k, v in model.state_dict().items()}
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save({"format": "train_gpt2 checkpoint", "hyperparameters": dataclasses.asdict(args), "step": 7,
-                "model": state, "optimizers": [], "rng": {}}, path)
+    torch.save(
+        {
+            "format": "train_gpt2 checkpoint",
+            "hyperparameters": dataclasses.asdict(args),
+            "step": 7,
+            "model": state,
+            "optimizers": [],
+            "rng": {},
+        },
+        path,
+    )
     model.load_state_dict(state)  # the bf16 round trip sample.py will see
     return model.eval(), args, path
 
@@ -63,8 +76,14 @@ class PaddingFavoured(torch.nn.Module):
 
 
 def cli(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *map(str, argv)], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_cli_prints_prompt_and_continuation_deterministically(gpt2, tiny):
@@ -81,18 +100,38 @@ def test_cli_prints_prompt_and_continuation_deterministically(gpt2, tiny):
 
 def test_main_num_samples_greedy_and_empty_prompt(gpt2, tiny, capsys):
     import sample
-    sample.main([str(tiny[2]), "--prompt", PROMPT, "--max_new_tokens", "5", "--temperature", "0", "--num_samples", "2"])
+
+    sample.main(
+        [
+            str(tiny[2]),
+            "--prompt",
+            PROMPT,
+            "--max_new_tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--num_samples",
+            "2",
+        ]
+    )
     first, second = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")
-    assert first.startswith(PROMPT) and first.rstrip("\n") == second.rstrip("\n")  # greedy: both samples agree
-    sample.main([str(tiny[2]), "--max_new_tokens", "3"])  # no prompt: continues <|endoftext|>, prints only new text
+    assert first.startswith(PROMPT) and first.rstrip("\n") == second.rstrip(
+        "\n"
+    )  # greedy: both samples agree
+    sample.main(
+        [str(tiny[2]), "--max_new_tokens", "3"]
+    )  # no prompt: continues <|endoftext|>, prints only new text
     assert not capsys.readouterr().out.startswith("<|endoftext|>")
 
 
 def generate(model, prompt, n, temperature=0, top_k=0, seed=None, **kwargs):
     """sample.generate's new tokens as a list, with GPT-2's vocabulary and the tiny model's context."""
     import sample
+
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return list(sample.generate(model, prompt, n, temperature, top_k, generator, GPT2_VOCAB, SEQ_LEN, **kwargs))
+    return list(
+        sample.generate(model, prompt, n, temperature, top_k, generator, GPT2_VOCAB, SEQ_LEN, **kwargs)
+    )
 
 
 def test_generate_length_vocab_mask_and_cropping(gpt2, tiny):
@@ -150,14 +189,17 @@ def test_stop_at_eot(gpt2, tiny):
     model = tiny[0]
     prompt = gpt2.encode(PROMPT)
     greedy = generate(model, prompt, 10)
-    assert generate(model, prompt, 10, stop_id=greedy[3]) == greedy[:greedy.index(greedy[3])]
+    assert generate(model, prompt, 10, stop_id=greedy[3]) == greedy[: greedy.index(greedy[3])]
 
 
 def test_streamed_text_equals_decoding_at_once(gpt2, capsys):
     """Characters split across tokens (emoji, CJK, a cut-off sequence) print as enc.decode prints them."""
     import sample
+
     ids = gpt2.encode(" ünïcode 🚀 日本語 🤖!")
-    assert any(not ok_utf8(gpt2.decode_single_token_bytes(t)) for t in ids)  # some token holds part of a character
+    assert any(
+        not ok_utf8(gpt2.decode_single_token_bytes(t)) for t in ids
+    )  # some token holds part of a character
     for case in (ids, ids[3:], ids[:-2]):
         sample.write_text(gpt2, case)
         assert capsys.readouterr().out == gpt2.decode(case) + "\n"
@@ -173,11 +215,24 @@ def ok_utf8(data):
 
 def test_ctrl_c_keeps_the_streamed_text(gpt2, tiny):
     """A long generation prints as it goes; Ctrl-C keeps that text and ends with one line and status 130."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), str(tiny[2]), "--prompt", PROMPT,
-                             "--max_new_tokens=1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "sample.py"),
+            str(tiny[2]),
+            "--prompt",
+            PROMPT,
+            "--max_new_tokens=1000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     streamed = b""
-    while len(streamed) < len(PROMPT) + 20:  # the continuation arrives long before the million tokens are done
+    while (
+        len(streamed) < len(PROMPT) + 20
+    ):  # the continuation arrives long before the million tokens are done
         if not select.select([proc.stdout], [], [], 60)[0]:
             proc.kill()
             pytest.fail("no text within 60 s: the tokens are not streamed")
@@ -202,11 +257,14 @@ def test_errors_are_one_line(gpt2, tiny, tmp_path, capsys):
     no_weights = tmp_path / "no_weights.pt"
     torch.save({k: v for k, v in checkpoint.items() if k != "model"}, no_weights)
     diverged = tmp_path / "diverged.pt"
-    torch.save({**checkpoint, "model": {k: v * float("nan") for k, v in checkpoint["model"].items()}}, diverged)
+    torch.save(
+        {**checkpoint, "model": {k: v * float("nan") for k, v in checkpoint["model"].items()}}, diverged
+    )
     r = cli(tmp_path / "missing.pt")  # one real process: the message is all the user sees
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("sample.py: ") and "missing.pt" in r.stderr
     import sample
+
     for path, words in [(not_ckpt, ""), (other_dict, ""), (no_weights, "'model'"), (diverged, "NaN")]:
         with pytest.raises(SystemExit) as e:
             sample.main([str(path)])
@@ -215,12 +273,26 @@ def test_errors_are_one_line(gpt2, tiny, tmp_path, capsys):
         assert "\n" not in message
 
 
-@pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--temperature=nan"], ["--temperature", "inf"],
-                                   ["--temperature", "1e-400"], ["--temperature", "warm"], ["--max_new_tokens", "-2"],
-                                   ["--top_k=-1"], ["--num_samples", "0"], ["--seed", "-1"], ["--seed", str(2**64)],
-                                   ["--temp", "0"], ["--stop_at_eot=yes"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--temperature", "-1"],
+        ["--temperature=nan"],
+        ["--temperature", "inf"],
+        ["--temperature", "1e-400"],
+        ["--temperature", "warm"],
+        ["--max_new_tokens", "-2"],
+        ["--top_k=-1"],
+        ["--num_samples", "0"],
+        ["--seed", "-1"],
+        ["--seed", str(2**64)],
+        ["--temp", "0"],
+        ["--stop_at_eot=yes"],
+    ],
+)
 def test_bad_flags_are_one_line_naming_the_flag(tiny, capsys, flags):
     import sample
+
     with pytest.raises(SystemExit) as e:
         sample.main([str(tiny[2]), *flags])
     err = capsys.readouterr().err
@@ -230,7 +302,10 @@ def test_bad_flags_are_one_line_naming_the_flag(tiny, capsys, flags):
 
 def test_flags_take_both_forms_and_warn_of_a_long_prompt(gpt2, tiny, capsys):
     import sample
-    sample.main([str(tiny[2]), "--prompt", "word " * 40, "--max_new_tokens=2", "--temperature", "0", "--seed=3"])
+
+    sample.main(
+        [str(tiny[2]), "--prompt", "word " * 40, "--max_new_tokens=2", "--temperature", "0", "--seed=3"]
+    )
     out, err = capsys.readouterr()
     assert out.startswith("word ")
     assert "prompt" in err.splitlines()[-1] and str(SEQ_LEN) in err.splitlines()[-1]

@@ -1,4 +1,5 @@
 """Whole runs on the CPU: the loss falls, the record is complete, two ranks equal one, failures are logged."""
+
 import json
 import os
 import re
@@ -8,13 +9,15 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, STEP_LINE, TINY_FLAGS, losses, read_record
 
 import train_gpt2
-from conftest import ROOT, STEP_LINE, TINY_FLAGS, losses, read_record
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_losses.json")
 GOLDEN_FLAGS = ["--num_iterations=10", "--warmdown_iters=4", "--seed=1234"]
-GOLDEN_TOLERANCE = 2e-4  # absolute: the log prints 4 decimals (rounding can differ by 1e-4), plus fp32 noise across CPUs
+GOLDEN_TOLERANCE = (
+    2e-4  # absolute: the log prints 4 decimals (rounding can differ by 1e-4), plus fp32 noise across CPUs
+)
 
 
 def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
@@ -35,11 +38,16 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     lines = steps.splitlines()
     assert re.fullmatch(r"checkpoint: .*-step000050\.pt", lines.pop(-2))  # the final model, for sample.py
     assert lines[0] == "step:0/50 val_loss:5.5452 train_time:0ms step_avg:nanms"
-    assert lines[1].startswith("step:1/50 train_loss:") and lines[1].endswith(" train_time:0ms step_avg:nanms")
+    assert lines[1].startswith("step:1/50 train_loss:") and lines[1].endswith(
+        " train_time:0ms step_avg:nanms"
+    )
     assert all(STEP_LINE.match(line) for line in lines[:-1])
     assert re.fullmatch(r"step:50/50 val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms", lines[-2])
-    assert re.fullmatch(r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
-                        r"peak_memory:\d+MiB world_size:1 device:CPU .*", lines[-1])
+    assert re.fullmatch(
+        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
+        r"peak_memory:\d+MiB world_size:1 device:CPU .*",
+        lines[-1],
+    )
     assert f"final_val_loss:{val[-1]:.4f}" in lines[-1]
 
 
@@ -58,17 +66,31 @@ def test_golden_losses_of_a_fixed_tiny_config(shards, capsys):
 
 
 def run_script(flags, nproc=None, **popen):
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-                f"--nproc_per_node={nproc}"] if nproc else []
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", f"--nproc_per_node={nproc}"]
+        if nproc
+        else []
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, *launcher, os.path.join(ROOT, "train_gpt2.py"), *flags],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, *launcher, os.path.join(ROOT, "train_gpt2.py"), *flags],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def test_two_ranks_match_one_rank_with_accumulation(shards, tmp_path):
     """Two gloo ranks x 1 micro-step and one process x 2 micro-steps: same losses, so gradient averaging,
     the rank-strided loader and Muon's sharded orthogonalization are right."""
-    common = TINY_FLAGS + shards[:2] + [shards[3], "--num_iterations=6", "--warmdown_iters=3", "--val_loss_every=3"]
+    common = (
+        TINY_FLAGS
+        + shards[:2]
+        + [shards[3], "--num_iterations=6", "--warmdown_iters=3", "--val_loss_every=3"]
+    )
     one = run_script(common + [f"--records_dir={tmp_path}/one"])
     out = one.communicate(timeout=300)[0]
     assert one.returncode == 0, out
@@ -85,8 +107,11 @@ def test_two_ranks_match_one_rank_with_accumulation(shards, tmp_path):
 
 def test_non_finite_loss_stops_the_run_with_a_logged_reason(shards, capsys):
     with pytest.raises(SystemExit, match="train loss is nan at step \\d+"):
-        train_gpt2.main(TINY_FLAGS + shards + ["--num_iterations=20", "--warmdown_iters=0", "--muon_lr=1e30",
-                                               "--embed_lr=1e30"])
+        train_gpt2.main(
+            TINY_FLAGS
+            + shards
+            + ["--num_iterations=20", "--warmdown_iters=0", "--muon_lr=1e30", "--embed_lr=1e30"]
+        )
     record = read_record(shards[2].split("=", 1)[1])
     assert re.search(r"^stopped: train loss is nan at step \d+", record, re.M)
     assert record.splitlines()[-1].startswith("summary: final_val_loss:")
@@ -94,12 +119,16 @@ def test_non_finite_loss_stops_the_run_with_a_logged_reason(shards, capsys):
 
 def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
     records_dir = shards[2].split("=", 1)[1]
-    run = run_script(TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"])
+    run = run_script(
+        TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"]
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not re.search(r"step:3/", _record_or_empty(records_dir)):
         time.sleep(0.2)
     run.send_signal(signal.SIGINT)
-    run.send_signal(signal.SIGINT)  # torchrun forwards the terminal's Ctrl-C: the copy must not abort the save
+    run.send_signal(
+        signal.SIGINT
+    )  # torchrun forwards the terminal's Ctrl-C: the copy must not abort the save
     run.communicate(timeout=60)
     assert run.returncode == 130
     lines = read_record(records_dir).splitlines()
