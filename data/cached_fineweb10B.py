@@ -68,15 +68,16 @@ def unreachable(what, endpoint=None):
 
 
 def reach_hub(what, endpoint=None):
-    """Exit in one line when the hub cannot be reached: huggingface_hub would retry for ~24 s, 12 warnings long."""
+    """Exit in one line when the hub cannot be reached.
+
+    (huggingface_hub alone would retry for ~24 s, 12 warnings long.)"""
     from huggingface_hub import constants, get_session
 
     if constants.is_offline_mode():
         return  # the download then fails at once, and hub_error names HF_HUB_OFFLINE
     try:
-        get_session().head(
-            endpoint or constants.ENDPOINT, timeout=5
-        )  # any HTTP answer, even an error, will do
+        # any HTTP answer, even an error, will do
+        get_session().head(endpoint or constants.ENDPOINT, timeout=5)
     except Exception:  # noqa: BLE001 -- DNS, refused, timeout, proxy or TLS failure: all mean unreachable
         raise SystemExit(unreachable(what, endpoint)) from None
 
@@ -95,7 +96,9 @@ def _valid(path):
 
 
 def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
-    """Make sure the val shard and the first `n` train shards of `dataset` are in `local_dir`; return their paths."""
+    """Make sure the val shard and the first `n` train shards of `dataset` are in `local_dir`.
+
+    Returns their paths."""
     repo_id, prefix, total = SETS[dataset]
     if n < 0 or (total is not None and n > total):
         raise SystemExit(
@@ -112,7 +115,7 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
     try:
         local_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"cannot create {local_dir}: {e.strerror}; pick another folder with --dir")
+        raise SystemExit(f"cannot create {local_dir}: {e.strerror}; pick another folder with --dir") from None
     from huggingface_hub import hf_hub_download
 
     print(f"downloading {len(todo)} of {len(paths)} shards of {dataset} from {repo_id} into {local_dir}")
@@ -121,7 +124,7 @@ def fetch(n=RECORD_SHARDS, dataset="fineweb10B", local_dir=None, endpoint=None):
         try:
             hf_hub_download(repo_id, path.name, repo_type="dataset", local_dir=local_dir, endpoint=endpoint)
         except Exception as e:  # noqa: BLE001 -- every hub failure becomes one line saying what to do
-            raise SystemExit(hub_error(e, path.name, repo_id))
+            raise SystemExit(hub_error(e, path.name, repo_id)) from None
         if not _valid(path):
             raise SystemExit(
                 f"{path.name} from {repo_id} is not a valid shard (removed): run again to re-fetch it"

@@ -6,20 +6,28 @@
 
 Local inputs: folders (searched recursively), files or quoted globs of .txt (one document per
 file), .jsonl (one JSON object with a "text" field per line) or .parquet (a "text" column).
+Each input file is read once, however often it is named. Documents that are empty or
+whitespace only are skipped (an input without any text is refused); documents that repeat
+word for word are kept, and counted in a warning.
+
 Each document becomes <|endoftext|> followed by its tokens (tiktoken gpt2, encode_ordinary),
 tokenized on all CPU cores. The token stream is cut every --shard_size tokens into
 <name>_val_000000.bin (the validation shard), then <name>_train_000001.bin, ...; the last
-shard holds the remainder. Shards are written into <out_dir>/<name>.tmp/ and move into
-<out_dir> only once all are complete, so a failed or interrupted run changes no shard there
-(with --overwrite, the old shards stay until the new ones replace them). The next run removes
-what a killed run left behind.
+shard holds the remainder. --name is a plain name (letters, digits, '.', '_', '-'); --out_dir
+picks the folder. Shards are written into <out_dir>/<name>.tmp/ and move into <out_dir> only
+once all are complete, so a failed or interrupted run changes no shard there (with
+--overwrite, the old shards stay until the new ones replace them). The next run removes what
+a killed run left behind.
 """
 
 import argparse
 import glob
+import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
@@ -43,9 +51,8 @@ def _init_worker():
     global _enc
     import tiktoken
 
-    signal.signal(
-        signal.SIGINT, signal.SIG_IGN
-    )  # Ctrl-C reaches the whole group: the parent alone stops the run
+    # Ctrl-C reaches the whole group: the parent alone stops the run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _enc = tiktoken.get_encoding("gpt2")  # the parent seeded the cache (data/gpt2_vocab.py)
 
 
@@ -54,6 +61,12 @@ def tokenize(text):
     tokens = np.array([EOT] + _enc.encode_ordinary(text), dtype=np.int64)
     assert tokens.max() < 2**16, "token ids must fit uint16"
     return tokens.astype(np.uint16)
+
+
+def tokenize_and_hash(text):
+    """(tokenize(text), a 64-bit hash of the text): equal hashes mark documents that repeat word for word."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return tokenize(text), int.from_bytes(digest, "little")
 
 
 # --- document sources ------------------------------------------------------------------------
@@ -65,7 +78,7 @@ def _parquet_texts(path):
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 -- pyarrow raises several kinds for a bad file
-        raise SystemExit(f"{path}: not a readable parquet file ({e})")
+        raise SystemExit(f"{path}: not a readable parquet file ({e})") from None
     if "text" not in f.schema_arrow.names:
         raise SystemExit(f"{path}: no 'text' column (columns: {', '.join(f.schema_arrow.names)})")
     for batch in f.iter_batches(columns=["text"], batch_size=1024):
@@ -94,8 +107,12 @@ def _file_texts(path):
 
 
 def local_files(inputs):
-    """The files named by `inputs` (files, folders, globs), in a stable order."""
-    files = []
+    """The files named by `inputs` (files, folders, globs), in a stable order, each once.
+
+    A file reached twice (a folder and a glob into it, a file named twice, a link) is read once, the first
+    time.
+    """
+    files, seen, repeats = [], set(), 0
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
@@ -109,7 +126,18 @@ def local_files(inputs):
         bad = [f for f in found if f.suffix not in SUFFIXES]
         if bad:
             raise SystemExit(f"{bad[0]}: unsupported file type; use .txt, .jsonl or .parquet")
-        files += found
+        for f in found:
+            real = os.path.realpath(f)
+            repeats += real in seen
+            if real not in seen:
+                seen.add(real)
+                files.append(f)
+    if repeats:
+        print(
+            f"note: {repeats} input file{'s were' if repeats > 1 else ' was'} named more than once "
+            "(or through a link); each file is read once",
+            file=sys.stderr,
+        )
     return files
 
 
@@ -133,7 +161,7 @@ def fineweb_texts(version, endpoint=None):
             if f.path.endswith(".parquet")
         )
     except Exception as e:  # noqa: BLE001
-        raise SystemExit(hub_error(e, f"the file list of {folder}", FINEWEB))
+        raise SystemExit(hub_error(e, f"the file list of {folder}", FINEWEB)) from None
     if not files:
         raise SystemExit(f"no parquet files under {folder} in {FINEWEB}: check --version")
     for k, name in enumerate(files, 1):
@@ -141,7 +169,7 @@ def fineweb_texts(version, endpoint=None):
         try:
             path = hf_hub_download(FINEWEB, name, repo_type="dataset", endpoint=endpoint)
         except Exception as e:  # noqa: BLE001
-            raise SystemExit(hub_error(e, name, FINEWEB))
+            raise SystemExit(hub_error(e, name, FINEWEB)) from None
         yield from _parquet_texts(path)
 
 
@@ -186,25 +214,51 @@ def _batches(it, size):
         yield batch
 
 
-def tokenize_to_shards(texts, out_dir, name, shard_size, workers):
+class Counts:
+    """What the input held: documents, empty ones (skipped), and the 64-bit hashes of the others."""
+
+    def __init__(self):
+        self.docs, self.empty, self.hashes = 0, 0, []
+
+    def nonempty(self, texts):
+        """The documents of `texts` that hold more than whitespace; the others are only counted."""
+        for text in texts:
+            self.docs += 1
+            if not text or text.isspace():
+                self.empty += 1
+            else:
+                yield text
+
+    def repeats(self):
+        """How many documents repeat an earlier one word for word (up to 64-bit hash collisions)."""
+        hashes = np.array(self.hashes, dtype=np.uint64)
+        return len(hashes) - len(np.unique(hashes))
+
+
+def tokenize_to_shards(texts, out_dir, name, shard_size, workers, counts):
     writer = ShardWriter(out_dir, name, shard_size)
     with mp.Pool(workers, initializer=_init_worker) as pool:
-        for batch in _batches(texts, 256 * workers):  # bounded: Pool.imap alone would read all input ahead
-            for tokens in pool.imap(tokenize, batch, chunksize=16):
+        # bounded batches: Pool.imap alone would read all input ahead
+        for batch in _batches(counts.nonempty(texts), 256 * workers):
+            for tokens, digest in pool.imap(tokenize_and_hash, batch, chunksize=16):
                 writer.add(tokens)
+                counts.hashes.append(digest)
     writer.flush()
     return writer.written
 
 
 def shard_paths(out_dir, name):
+    folder = glob.escape(str(out_dir))  # a folder is a path, never a pattern: data[1]/ is data[1]/
     return sorted(
-        glob.glob(str(out_dir / f"{glob.escape(name)}_val_*.bin"))
-        + glob.glob(str(out_dir / f"{glob.escape(name)}_train_*.bin"))
+        glob.glob(os.path.join(folder, f"{glob.escape(name)}_val_*.bin"))
+        + glob.glob(os.path.join(folder, f"{glob.escape(name)}_train_*.bin"))
     )
 
 
 def remove_leftovers(out_dir, name):
-    """Delete what a killed run left in out_dir: its staging folder and half-written shards (gigabytes at full size)."""
+    """Delete what a killed run left in out_dir: its staging folder and half-written shards.
+
+    (Gigabytes at full size.)"""
     for path in [out_dir / f"{name}.tmp"] + sorted(out_dir.glob(f"{glob.escape(name)}_*.bin.tmp")):
         if path.exists():
             print(f"removing {path}, left by an interrupted run", file=sys.stderr)
@@ -215,7 +269,9 @@ def remove_leftovers(out_dir, name):
 
 
 def replace_shards(written, out_dir, name):
-    """Move the complete new shards from the staging folder into out_dir, then drop old shards they did not replace."""
+    """Move the complete new shards from the staging folder into out_dir.
+
+    Then drop the old shards they did not replace."""
     new = [out_dir / path.name for path, _ in written]
     for (path, _), dest in zip(written, new):
         os.replace(path, dest)
@@ -241,7 +297,11 @@ def main(argv=None):
         default="10B",
         help="FineWeb config sample-10BT or sample-100BT (without --input)",
     )
-    p.add_argument("--name", default="fineweb", help="shard file prefix (default fineweb)")
+    p.add_argument(
+        "--name",
+        default="fineweb",
+        help="shard file prefix, and the folder under data/ with --input (default fineweb)",
+    )
     p.add_argument(
         "--out_dir", help="output folder (default data/fineweb<version>, or data/<name> with --input)"
     )
@@ -253,6 +313,11 @@ def main(argv=None):
         "--overwrite", action="store_true", help="replace existing <name>_*.bin shards in the folder"
     )
     args = p.parse_args(argv)
+    if not re.fullmatch(r"\w[\w.-]*", args.name):
+        raise SystemExit(
+            f"fineweb.py: --name={args.name!r} is not a plain name: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (--out_dir picks the folder)"
+        )
     if args.input:
         texts = local_texts(local_files(args.input))
         out_dir = Path(args.out_dir or HERE / args.name)
@@ -271,39 +336,57 @@ def main(argv=None):
             )
         stage.mkdir(parents=True)
     except OSError as e:
-        raise SystemExit(f"cannot write to {out_dir}: {e.strerror}")
+        raise SystemExit(f"cannot write to {out_dir}: {e.strerror}") from None
 
     from data.gpt2_vocab import ensure_gpt2
 
+    counts = Counts()
     try:
         ensure_gpt2()
-        written = tokenize_to_shards(texts, stage, args.name, args.shard_size, args.workers)
+        written = tokenize_to_shards(texts, stage, args.name, args.shard_size, args.workers, counts)
+        if counts.docs == 0:
+            raise SystemExit("the input holds no documents: check --input")
         if not written:
-            raise SystemExit("no documents found in the input")
-        handler = signal.signal(
-            signal.SIGINT, signal.SIG_IGN
-        )  # only renames follow: Ctrl-C must not split the set
+            raise SystemExit(
+                f"the input holds no text: all {counts.docs:,} of its documents are empty or "
+                "whitespace only; check --input"
+            )
+        # only renames follow: Ctrl-C must not split the set
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
         replace_shards(written, out_dir, args.name)
         signal.signal(signal.SIGINT, handler)
     except RuntimeError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     except OSError as e:
-        raise SystemExit(f"cannot write shards to {out_dir}: {e.strerror}")
+        raise SystemExit(f"cannot write shards to {out_dir}: {e.strerror}") from None
     except KeyboardInterrupt:
         print(f"fineweb.py: interrupted; no shard in {out_dir} was changed", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     total = sum(n for _, n in written)
+    if counts.empty:
+        print(
+            f"warning: skipped {counts.empty:,} empty or whitespace-only documents of {counts.docs:,}",
+            file=sys.stderr,
+        )
+    repeats = counts.repeats()
+    if repeats:
+        print(
+            f"warning: {repeats:,} of {len(counts.hashes):,} documents repeat an earlier one word for word; "
+            "all are kept (deduplicate the input to drop them)",
+            file=sys.stderr,
+        )
     print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
     if len(written) == 1:
         print(
             f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
             file=sys.stderr,
         )
+    pattern = os.path.join(glob.escape(str(out_dir)), args.name)  # the trainer globs these: escape the folder
     print(
-        f"train on them with: --input_bin='{out_dir}/{args.name}_train_*.bin' "
-        f"--input_val_bin='{out_dir}/{args.name}_val_*.bin'"
+        f"train on them with: --input_bin={shlex.quote(pattern + '_train_*.bin')} "
+        f"--input_val_bin={shlex.quote(pattern + '_val_*.bin')}"
     )
 
 

@@ -1,4 +1,7 @@
-"""Command-line flags the way train_gpt2.py takes them: --name value or --name=value, in full, errors in one line."""
+"""Command-line flags the way train_gpt2.py takes them.
+
+--name value or --name=value, in full (no abbreviations), and errors in one line.
+"""
 
 import argparse
 

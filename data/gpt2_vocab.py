@@ -26,10 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(ROOT, ".cache", "tiktoken")
 _HOST = "https://openaipublic.blob.core.windows.net"
 R50K_URL = f"{_HOST}/encodings/r50k_base.tiktoken"
+_GPT2 = f"{_HOST}/gpt-2/encodings/main"
 FILES = {  # URL -> sha256 that tiktoken expects (from tiktoken_ext/openai_public.py)
     R50K_URL: "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
-    f"{_HOST}/gpt-2/encodings/main/vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-    f"{_HOST}/gpt-2/encodings/main/encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    f"{_GPT2}/vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    f"{_GPT2}/encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
 WHISPER = "openai-whisper==20250625"  # any version carrying whisper/assets/gpt2.tiktoken will do
 EOT = 50256
@@ -85,7 +86,7 @@ def _from_pypi():
             tmp,
         ]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        sdists = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        sdists = glob.glob(os.path.join(glob.escape(tmp), "*.tar.gz"))  # $TMPDIR may hold [ or *
         if r.returncode or not sdists:
             last = (r.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
             raise RuntimeError(
@@ -155,5 +156,5 @@ if __name__ == "__main__":
     try:
         ensure_gpt2()
     except RuntimeError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     print(f"tiktoken gpt2 encoding ready (cache: {os.environ['TIKTOKEN_CACHE_DIR']})")

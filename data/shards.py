@@ -36,7 +36,9 @@ def write_shard(path, tokens):
 
 
 def check_shard(path):
-    """Return the token count of the shard at `path`; raise ValueError (one line, naming the file) if it is malformed."""
+    """Return the token count of the shard at `path`.
+
+    Raises ValueError (one line, naming the file) if it is malformed."""
     size = os.path.getsize(path)
     if size < 4 * HEADER_INTS:
         raise ValueError(f"{path}: too short for a shard header ({size} bytes < {4 * HEADER_INTS})")

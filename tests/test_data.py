@@ -1,17 +1,21 @@
 """data/: the shard validator, the hub downloader (against a local fake hub), the tokenizer, the GPT-2 vocab.
 
-No network is used except PyPI, once, when the GPT-2 vocabulary is not cached yet (data/gpt2_vocab.py).
+No network is used except PyPI, once, when the GPT-2 vocabulary is not cached yet (data/gpt2_vocab.py):
+the tests cache it outside the checkout, in tiktoken's own default folder (see vocab_cache).
 """
 
 import errno
+import glob
 import hashlib
 import io
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +31,16 @@ sys.path.insert(0, str(ROOT))
 from data.shards import HEADER_INTS, SHARD_MAGIC, check_shard, write_shard  # noqa: E402
 
 EOT = "<|endoftext|>"
+REPO_VOCAB_CACHE = ROOT / ".cache" / "tiktoken"  # where a user's run caches the vocabulary
+HAD_REPO_VOCAB_CACHE = REPO_VOCAB_CACHE.exists()
+
+
+def vocab_cache():
+    """The tests' tiktoken cache: $TIKTOKEN_CACHE_DIR or tiktoken's own default, never inside the checkout."""
+    d = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    if not d or Path(d).resolve().is_relative_to(ROOT):
+        d = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return d
 
 
 def shard_bytes(tokens):
@@ -121,7 +135,8 @@ def hub():
 def run(script, args, tmp_path, hub=None, **env):
     """Run a data/ script as a user would, from tmp_path; returns (returncode, stdout, stderr)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
+    e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    e.update(TIKTOKEN_CACHE_DIR=vocab_cache(), **env)
     if hub is not None:
         e["HF_ENDPOINT"] = hub.url
     r = subprocess.run(
@@ -247,7 +262,7 @@ def closed_port():
 
 
 def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
-    """Both hub clients, against a hub that cannot be reached: one line within seconds, no files left, old shards kept."""
+    """Both hub clients, the hub unreachable: one line within seconds, no files left, old shards kept."""
     endpoint = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     rc, stdout, err = run(
@@ -289,6 +304,7 @@ def gpt2():
     """tiktoken's gpt2 encoding; fetches the vocabulary from PyPI (openai-whisper sdist) if not cached yet."""
     from data.gpt2_vocab import ensure_gpt2
 
+    os.environ["TIKTOKEN_CACHE_DIR"] = vocab_cache()  # ensure_gpt2's default is the checkout's .cache/
     return ensure_gpt2()
 
 
@@ -306,7 +322,7 @@ def decode_shards(gpt2, out, name):
 
 
 def check_stream(gpt2, out, name, docs, shard_size):
-    """The shards, in order, are exactly <|endoftext|>doc1<|endoftext|>doc2..., cut every shard_size tokens."""
+    """The shards, in order, are exactly <|endoftext|>doc1<|endoftext|>doc2..., cut each shard_size tokens."""
     paths, tokens = decode_shards(gpt2, out, name)
     assert paths[0].name == f"{name}_val_000000.bin"
     assert [p.name for p in paths[1:]] == [f"{name}_train_{i:06d}.bin" for i in range(1, len(paths))]
@@ -522,3 +538,83 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
     assert [p.name for p in out.iterdir()] == [
         "mine_val_000000.bin"
     ]  # the old train shards went with the old val
+
+
+def printed_globs(stdout):
+    """The --input_bin and --input_val_bin values fineweb.py prints, as the shell would pass them."""
+    line = next(line for line in stdout.splitlines() if line.startswith("train on them with: "))
+    return dict(flag[2:].split("=", 1) for flag in shlex.split(line.split(": ", 1)[1]))
+
+
+def test_folders_with_glob_characters_are_paths(gpt2, tmp_path):
+    src, out = tmp_path / "in[x]", tmp_path / "out[1]*"
+    src.mkdir()
+    docs = [f"Document {i} in a folder named like a glob." for i in range(12)]
+    (src / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    args = ["--input", src, "--name", "g", "--out_dir", out, "--shard_size", 32, "--workers", 1]
+    rc, stdout, err = run("fineweb.py", args, tmp_path)
+    assert rc == 0, err
+    paths = check_stream(gpt2, out, "g", docs, 32)
+    flags = printed_globs(stdout)  # the globs the trainer gets match exactly these shards
+    assert sorted(glob.glob(flags["input_bin"])) == [str(p) for p in paths[1:]]
+    assert glob.glob(flags["input_val_bin"]) == [str(paths[0])]
+    rc, _, err = run("fineweb.py", args, tmp_path)  # the shards in out[1]* are seen as existing
+    assert_one_line_error(rc, err, "already has", str(len(paths)), "--overwrite")
+    rc, _, err = run("fineweb.py", args[:-4] + ["--shard_size", 10**4, "--overwrite"], tmp_path)
+    assert rc == 0, err
+    assert [p.name for p in out.iterdir()] == ["g_val_000000.bin"]  # and replaced, old train shards too
+
+
+def test_inputs_are_a_set_of_files_and_repeated_documents_are_counted(gpt2, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("The first document.")
+    lines = ["The first document.", "Another document.", "Another document.", "A third one."]
+    (src / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in lines))
+    (tmp_path / "link.txt").symlink_to(src / "a.txt")
+    inputs = [src, src / "*.txt", src / "a.txt", tmp_path / "link.txt", src / "b.jsonl"]
+    out = tmp_path / "out"
+    rc, _, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)
+    assert rc == 0, err
+    check_stream(gpt2, out, "fineweb", ["The first document.", *lines], 10**8)  # each file once, in order
+    note = next(line for line in err.splitlines() if "read once" in line)
+    assert re.search(r"\b4 input files\b", note)  # the glob, the file, the link and b.jsonl again
+    repeats = next(line for line in err.splitlines() if line.startswith("warning:") and "repeat" in line)
+    assert re.search(r"\b2 of 5 documents\b", repeats)  # kept: FineWeb itself repeats documents across dumps
+
+
+def test_input_without_text_is_refused_and_empty_documents_are_skipped(gpt2, tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " \n "}))
+    (tmp_path / "nothing.jsonl").write_bytes(b"")
+    out = tmp_path / "out"
+    for inputs, words in [
+        (["empty.txt"], ["no text", "1 of"]),
+        (["empty.txt", "blank.txt", "blank.jsonl"], ["no text", "all 4"]),
+        (["nothing.jsonl"], ["no documents"]),
+    ]:
+        rc, stdout, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)
+        assert_one_line_error(rc, err, *words, "--input")
+        assert stdout == "" and list(out.iterdir()) == []
+    (tmp_path / "text.txt").write_text("Some text at last.")
+    inputs = ["empty.txt", "blank.jsonl", "text.txt"]
+    rc, _, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)
+    assert rc == 0, err
+    check_stream(gpt2, out, "fineweb", ["Some text at last."], 10**8)
+    assert re.search(r"skipped 3 empty or whitespace-only documents of 4\b", err)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "x*", ".hidden", ""])
+def test_name_must_be_a_plain_name(tmp_path, name):
+    (tmp_path / "a.txt").write_text("text")
+    rc, stdout, err = run("fineweb.py", ["--input", "a.txt", "--name", name], tmp_path)
+    assert_one_line_error(rc, err, "--name", "--out_dir")
+    assert stdout == "" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    assert not (ROOT / "escaped").exists()
+
+
+def test_the_checkout_gets_no_vocabulary_cache(gpt2):
+    """The tests cache the GPT-2 vocabulary outside the checkout (a user's run caches it in its .cache/)."""
+    assert not Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve().is_relative_to(ROOT)
+    assert REPO_VOCAB_CACHE.exists() == HAD_REPO_VOCAB_CACHE  # earlier tests here ran fineweb.py and seeded
