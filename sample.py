@@ -47,12 +47,7 @@ def load_model(path, device):
         return model.float().to(device).eval(), args, int(checkpoint["step"])
     except KeyError as e:
         fail(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint")
-    except (
-        AttributeError,
-        TypeError,
-        ValueError,
-        RuntimeError,
-    ) as e:  # wrong types or shapes, bad hyperparameters
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad values
         fail(
             f"{path}: the weights do not fit the model its hyperparameters describe "
             f"({(str(e).splitlines() or [type(e).__name__])[0]})"
@@ -107,10 +102,9 @@ def write_text(enc, ids):
 def gpt2_tokenizer():
     import tiktoken
 
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(ROOT, ".cache", "tiktoken")):
-        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(
-            ROOT, ".cache", "tiktoken"
-        )  # seeded by data/gpt2_vocab.py
+    seeded = os.path.join(ROOT, ".cache", "tiktoken")  # by data/gpt2_vocab.py
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(seeded):
+        os.environ["TIKTOKEN_CACHE_DIR"] = seeded
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
@@ -121,7 +115,9 @@ def gpt2_tokenizer():
 
 
 def parse_temperature(text):
-    """--temperature: finite and >= 0; a positive value so small that it reads as 0.0 would silently mean greedy."""
+    """--temperature: finite and >= 0.
+
+    A positive value so small that it reads as 0.0 is refused: it would silently mean greedy."""
     value = float(text)
     if not (math.isfinite(value) and value >= 0) or (value == 0 and decimal.Decimal(text) != 0):
         raise argparse.ArgumentTypeError(f"must be 0 (greedy) or finite and at least 5e-324, got {text!r}")
@@ -151,8 +147,15 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def printable_stdout():
+    """Text that stdout's encoding cannot show (日本 under PYTHONIOENCODING=ascii) prints escaped."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None):
     opts = parse_args(argv)
+    printable_stdout()
     if opts.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda but no CUDA device is visible")
     device = torch.device(
@@ -163,9 +166,7 @@ def main(argv=None):
     max_vocab = min(args.vocab_size, enc.n_vocab)
     prompt_ids = enc.encode(opts.prompt, allowed_special="all") if opts.prompt else [enc.eot_token]
     if max(prompt_ids) >= args.vocab_size:
-        fail(
-            f"the checkpoint's vocab_size={args.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}"
-        )
+        fail(f"the checkpoint's vocab_size={args.vocab_size} is below the GPT-2 tokenizer's {enc.n_vocab}")
     print(
         f"sample.py: {opts.checkpoint} (step {step}, {args.num_layers} layers x {args.model_dim}, "
         f"context {args.seq_len}) on {device}",
@@ -173,7 +174,8 @@ def main(argv=None):
     )
     if len(prompt_ids) > args.seq_len:
         print(
-            f"sample.py: the prompt has {len(prompt_ids)} tokens; the model sees only the last {args.seq_len}",
+            f"sample.py: the prompt has {len(prompt_ids)} tokens; "
+            f"the model sees only the last {args.seq_len}",
             file=sys.stderr,
         )
     generator = torch.Generator().manual_seed(opts.seed)

@@ -1,4 +1,4 @@
-"""sample.py on a tiny random checkpoint, on the CPU: CLI output, seeds, length, vocab mask, greedy, errors."""
+"""sample.py on a tiny random checkpoint, on the CPU: CLI output, seeds, length, vocab mask, errors."""
 
 import dataclasses
 import os
@@ -6,6 +6,8 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +34,11 @@ def gpt2():
     """tiktoken's gpt2 encoding; the vocabulary comes from PyPI (openai-whisper sdist) if not cached yet."""
     from data.gpt2_vocab import ensure_gpt2
 
-    return ensure_gpt2()  # also sets TIKTOKEN_CACHE_DIR, which the CLI subprocesses inherit
+    # Outside the checkout (ensure_gpt2's default is its .cache/); the CLI subprocesses inherit it.
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    if not cache or Path(cache).resolve().is_relative_to(ROOT):
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return ensure_gpt2()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,7 @@ def tiny(tmp_path_factory):
 
 
 class PaddingFavoured(torch.nn.Module):
-    """The model, but the padding ids past GPT-2's vocabulary get the highest logits: they must stay masked."""
+    """The model, but the padding ids past GPT-2's vocabulary get the top logits: they must stay masked."""
 
     def __init__(self, model):
         super().__init__()
@@ -75,14 +81,14 @@ class PaddingFavoured(torch.nn.Module):
         return logits
 
 
-def cli(*argv):
+def cli(*argv, **env):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "sample.py"), *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
 
 
@@ -174,7 +180,7 @@ def test_temperature_zero_is_argmax(gpt2, tiny):
 
 
 def test_extreme_temperatures_still_sample(gpt2, tiny):
-    """Dividing fp32 logits (soft-capped at 30) by T overflowed below T = 8.8e-38 and gave 0/0 above 3.4e38."""
+    """fp32 logits (soft-capped at 30) / T overflowed below T = 8.8e-38 and gave 0/0 above 3.4e38."""
     model = tiny[0]
     prompt = gpt2.encode(PROMPT)
     greedy = generate(model, prompt, 8)
@@ -203,6 +209,16 @@ def test_streamed_text_equals_decoding_at_once(gpt2, capsys):
     for case in (ids, ids[3:], ids[:-2]):
         sample.write_text(gpt2, case)
         assert capsys.readouterr().out == gpt2.decode(case) + "\n"
+
+
+def test_text_stdout_cannot_encode_prints_escaped(gpt2, tiny):
+    """An ASCII-only stdout (PYTHONIOENCODING=ascii, a C locale) gets \\u escapes, not a traceback."""
+    flags = [tiny[2], "--prompt", "日本 🚀", "--max_new_tokens", 6, "--temperature", 0]
+    utf8, ascii_only = cli(*flags, PYTHONIOENCODING="utf-8"), cli(*flags, PYTHONIOENCODING="ascii")
+    assert utf8.returncode == ascii_only.returncode == 0, ascii_only.stderr
+    assert "Traceback" not in ascii_only.stderr
+    assert utf8.stdout.startswith("日本 🚀") and ascii_only.stdout.startswith("\\u65e5\\u672c \\U0001f680")
+    assert ascii_only.stdout == utf8.stdout.encode("ascii", "backslashreplace").decode()
 
 
 def ok_utf8(data):
@@ -309,3 +325,8 @@ def test_flags_take_both_forms_and_warn_of_a_long_prompt(gpt2, tiny, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("word ")
     assert "prompt" in err.splitlines()[-1] and str(SEQ_LEN) in err.splitlines()[-1]
+
+
+def test_the_checkout_gets_no_vocabulary_cache(gpt2):
+    """The tests cache the GPT-2 vocabulary outside the checkout, which a fresh clone must not gain."""
+    assert not Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve().is_relative_to(ROOT)
