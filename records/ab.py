@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
 """Time two variants of the training script interleaved on this machine: A B B A A B B A ...
 
-    python records/ab.py A.py B.py --pairs N [--name NAME] [-- trainer flags]
+    python records/ab.py A.py B.py --pairs N [--name NAME] [--target LOSS] [--keep_checkpoints] [-- flags]
 
 Machines drift (clocks, heat, neighbours), so a block of A runs then a block of B runs is
 biased; in A B B A order a steady drift costs A and B alike. Every run is launched as run.sh
 would: torchrun over this machine's GPUs (NPROC_PER_NODE, else CUDA_VISIBLE_DEVICES, else
 nvidia-smi), or with --device=cpu one plain process (torchrun when NPROC_PER_NODE is set).
-Runs start in the repository root, as with run.sh, so relative paths in the flags start
-there. Records go to <records_dir>/<date>_<NAME>_a/ and _b/; pair p runs with --seed=p-1
-unless the flags set --seed. At the end: compare.py's report of A against B, each pair's
+Runs start in the repository root and import from it (PYTHONPATH: a copy of train_gpt2.py
+anywhere imports harness.py); as with run.sh, relative paths in the path flags (--input_bin,
+--input_val_bin, --records_dir, --checkpoint_dir, --resume) mean what they mean where ab.py
+was started. Records go to <records_dir>/<date>_<NAME>_a/ and _b/; pair p
+runs with --seed=p-1 unless the flags set --seed. The runs' checkpoints are deleted unless
+--keep_checkpoints is given. At the end: compare.py's report of A against B, each pair's
 train-time ratio B/A with their mean and its 95% confidence interval, and a one-sided paired
-t-test of "B is faster". Ctrl-C stops after the current run (a second one stops that run
-too) and compares what has finished.
+t-test of "B is faster". The loss verdicts are against --target (default 3.28, the record's
+FineWeb val loss: give your own for other data or models). Ctrl-C stops after the current
+run (a second one stops that run too) and compares what has finished.
 """
 
 import glob
+import math
 import os
 import re
 import signal
@@ -42,6 +47,32 @@ def flag_value(flags, name):
     return None
 
 
+PATH_FLAGS = ("input_bin", "input_val_bin", "records_dir", "checkpoint_dir", "resume")
+
+
+def absolute_paths(flags, cwd):
+    """The flags with each relative path of PATH_FLAGS made absolute against `cwd` (the runs start in ROOT).
+
+    --input_bin and --input_val_bin are globs: `cwd` is escaped in them. --resume=latest is not a path."""
+
+    def absolute(name, value):
+        if not value or os.path.isabs(value) or (name == "resume" and value == "latest"):
+            return value
+        return os.path.join(glob.escape(cwd) if name in ("input_bin", "input_val_bin") else cwd, value)
+
+    out, rest = [], list(flags)
+    while rest:
+        flag = rest.pop(0)
+        name = next((n for n in PATH_FLAGS if flag == f"--{n}" or flag.startswith(f"--{n}=")), None)
+        if name and "=" in flag:
+            out.append(f"--{name}={absolute(name, flag.split('=', 1)[1])}")
+        elif name and rest:
+            out += [flag, absolute(name, rest.pop(0))]
+        else:
+            out.append(flag)
+    return out
+
+
 def launcher(flags):
     """The command before the script, as run.sh chooses it."""
     nproc = os.environ.get("NPROC_PER_NODE", "")
@@ -62,7 +93,8 @@ def launcher(flags):
             "ab.py: no GPU found (nvidia-smi, CUDA_VISIBLE_DEVICES, NPROC_PER_NODE); set NPROC_PER_NODE, "
             "or pass -- --device=cpu to run on the CPU"
         )
-    # Loopback for the workers' store, as run.sh: one machine needs no hostname lookup, which fails in some containers.
+    # Loopback for the workers' store, as run.sh: one machine needs no hostname lookup (it fails in some
+    # containers).
     return [
         sys.executable,
         "-m",
@@ -102,7 +134,7 @@ def paired_timing(pairs):
 
 
 class StopAfterRun:
-    """First Ctrl-C: finish the current run, then stop. Another Ctrl-C, or SIGTERM: pass it to the run as well."""
+    """First Ctrl-C: finish the current run, then stop. Another Ctrl-C, or SIGTERM: pass it to the run too."""
 
     def __init__(self):
         self.signal, self.child = None, None
@@ -119,23 +151,56 @@ class StopAfterRun:
 
 
 def records_of(records_dir, run_name):
-    return set(glob.glob(os.path.join(records_dir, f"*_{run_name}", "*.txt")))
+    # a folder is a path, never a pattern: records[x]/ is records[x]/
+    return set(glob.glob(os.path.join(glob.escape(records_dir), f"*_{glob.escape(run_name)}", "*.txt")))
+
+
+def checkpoints_of(checkpoint_dir, run_name):
+    """The checkpoint files in <checkpoint_dir>/<run_name>/, finished or half-written."""
+    folder = glob.escape(os.path.join(checkpoint_dir, run_name))
+    return set(glob.glob(os.path.join(folder, "*.pt")) + glob.glob(os.path.join(folder, "*.pt.tmp")))
+
+
+def remove_checkpoints(paths):
+    """Delete these checkpoint files, and their folders where that empties them; returns (files, bytes)."""
+    files, size = 0, 0
+    for path in sorted(paths):
+        try:
+            n = os.path.getsize(path)
+            os.remove(path)
+        except FileNotFoundError:
+            continue
+        files, size = files + 1, size + n
+    for folder in sorted({os.path.dirname(p) for p in paths}):
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty: other runs' checkpoints
+            pass
+    return files, size
+
+
+def run_env():
+    """The environment of a run: the repository root first on PYTHONPATH, whatever was there kept after it."""
+    paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def progress(k, n, side, pair, started, durations):
     elapsed = time.monotonic() - started
     if durations:
         left = sum(durations) / len(durations) * (n - k + 1)
-        eta = f"ETA {timedelta(seconds=round(left))} left, done at {datetime.now() + timedelta(seconds=left):%H:%M}"
+        done_at = datetime.now() + timedelta(seconds=left)
+        eta = f"ETA {timedelta(seconds=round(left))} left, done at {done_at:%H:%M}"
     else:
         eta = "ETA after the first run"
     print(
-        f"ab.py: run {k}/{n}: {side.upper()} (pair {pair}), {timedelta(seconds=round(elapsed))} elapsed, {eta}",
+        f"ab.py: run {k}/{n}: {side.upper()} (pair {pair}), "
+        f"{timedelta(seconds=round(elapsed))} elapsed, {eta}",
         flush=True,
     )
 
 
-def report(scripts, logs, target=3.28):
+def report(scripts, logs, target):
     """compare.py's report of A against B, then the paired timing of the pairs where both runs finished."""
     runs = {path: compare.parse_log(path, target) for side in "ab" for path in logs[side] if path}
     sides = [(scripts[side], [runs[p] for p in logs[side] if p]) for side in "ab"]
@@ -155,7 +220,8 @@ def report(scripts, logs, target=3.28):
         lo, hi = timing["ci95"]
         lines += [
             f"mean B/A = {timing['mean_ratio']:.4f}, 95% CI {lo:.4f} to {hi:.4f} (t over {len(pairs)} pairs)",
-            f"paired t-test, B faster than A (one-sided): t = {timing['t']:.3f}, p = {timing['p_b_faster']:.3g}",
+            f"paired t-test, B faster than A (one-sided): "
+            f"t = {timing['t']:.3f}, p = {timing['p_b_faster']:.3g}",
         ]
     else:
         lines.append(f"a confidence interval needs >= 2 finished pairs (has {len(pairs)})")
@@ -164,10 +230,8 @@ def report(scripts, logs, target=3.28):
         f"again, with plots: python records/compare.py {' '.join(folders[0])} {' '.join(folders[1])} "
         f"--plot ab.png"
     )
-    print(
-        "\n"
-        + compare.section("paired timing (A B B A on this machine)", compare.bullets(lines, False), False)
-    )
+    title = "paired timing (A B B A on this machine)"
+    print("\n" + compare.section(title, compare.bullets(lines, False), False))
 
 
 def main(argv=None):
@@ -183,18 +247,32 @@ def main(argv=None):
     ap.add_argument(
         "--name", default="ab", help="records go to <records_dir>/<date>_<name>_a/ and _b/ (default ab)"
     )
-    args, flags = ap.parse_args(argv[:split]), argv[split + 1 :]
+    ap.add_argument(
+        "--target",
+        type=float,
+        default=3.28,
+        help="val loss the loss verdicts test against (default 3.28: the record's, on FineWeb)",
+    )
+    ap.add_argument(
+        "--keep_checkpoints",
+        action="store_true",
+        help="keep the checkpoints the runs write (default: delete them once each run ends)",
+    )
+    args, flags = ap.parse_args(argv[:split]), absolute_paths(argv[split + 1 :], os.getcwd())
     scripts = {"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)}
     for path in scripts.values():
         if not os.path.isfile(path):
             raise SystemExit(f"ab.py: {path}: no such script")
     if args.pairs < 1:
         raise SystemExit(f"ab.py: --pairs={args.pairs}: give at least 1 pair")
+    if not math.isfinite(args.target) or args.target <= 0:
+        raise SystemExit(f"ab.py: --target {args.target}: give a finite val loss above 0, such as 3.28")
     if not re.fullmatch(r"[\w.-]+", args.name):
         raise SystemExit(f"ab.py: --name={args.name!r}: use letters, digits, '.', '_' and '-' only")
     if flag_value(flags, "run_name") is not None:
         raise SystemExit("ab.py: --run_name is set by ab.py (<name>_a, <name>_b); use --name instead")
-    records_dir = os.path.join(ROOT, flag_value(flags, "records_dir") or "records")  # the runs start in ROOT
+    records_dir = os.path.join(ROOT, flag_value(flags, "records_dir") or "records")
+    checkpoint_dir = os.path.join(ROOT, flag_value(flags, "checkpoint_dir") or "checkpoints")
     command = launcher(flags)
     if (
         flag_value(flags, "input_bin") is None
@@ -203,26 +281,28 @@ def main(argv=None):
         raise SystemExit("ab.py: fetching the data failed (above); pass --input_bin to use your own shards")
 
     order = [side for pair in range(args.pairs) for side in ("ab" if pair % 2 == 0 else "ba")]
-    logs, durations, outcome = {"a": [], "b": []}, [], 0
+    logs, durations, outcome, removed = {"a": [], "b": []}, [], 0, [0, 0]
     stop, started = StopAfterRun(), time.monotonic()
     for k, side in enumerate(order, 1):
         pair, run_name = (k + 1) // 2, f"{args.name}_{side}"  # runs 2p-1 and 2p are pair p
         progress(k, len(order), side, pair, started, durations)
         before = records_of(records_dir, run_name)
+        checkpoints_before = checkpoints_of(checkpoint_dir, run_name)
         t0 = time.monotonic()
         ours = [f"--run_name={run_name}"]
         if flag_value(flags, "records_dir") is None:
             ours.append(f"--records_dir={records_dir}")
-        if (
-            flag_value(flags, "seed") is None
-        ):  # a new seed per pair, the same for A and B: seeds vary, pairs match
+        if flag_value(flags, "seed") is None:  # a new seed per pair, the same for A and B: pairs match
             ours.append(f"--seed={pair - 1}")
         # Its own session: a Ctrl-C in the terminal reaches only ab.py, which lets the run finish.
         stop.child = subprocess.Popen(
-            command + [scripts[side], *flags, *ours], cwd=ROOT, start_new_session=True
+            command + [scripts[side], *flags, *ours], cwd=ROOT, env=run_env(), start_new_session=True
         )
         code = stop.child.wait()
         durations.append(time.monotonic() - t0)
+        if not args.keep_checkpoints:  # a timing run is not resumed: ~150 MB each at full size, for nothing
+            files, size = remove_checkpoints(checkpoints_of(checkpoint_dir, run_name) - checkpoints_before)
+            removed = [removed[0] + files, removed[1] + size]
         written = sorted(records_of(records_dir, run_name) - before)
         logs[side].append(written[0] if written else None)
         if code or not written:
@@ -237,7 +317,14 @@ def main(argv=None):
             outcome = 128 + stop.signal
             print(f"ab.py: stopped after run {k} of {len(order)}", flush=True)
             break
-    report({"a": args.a, "b": args.b}, logs)
+    if args.keep_checkpoints:
+        print(f"ab.py: the runs' checkpoints are kept in {checkpoint_dir}/{args.name}_a/ and _b/")
+    else:
+        print(
+            f"ab.py: deleted the {removed[0]} checkpoint files of these runs ({removed[1] / 1e6:.1f} MB); "
+            "--keep_checkpoints keeps them"
+        )
+    report({"a": args.a, "b": args.b}, logs, args.target)
     return outcome
 
 

@@ -19,43 +19,37 @@ import ab  # noqa: E402
 AB = os.path.join(ROOT, "records", "ab.py")
 TRAINER = os.path.join(ROOT, "train_gpt2.py")
 FLAGS = [*TINY_FLAGS, "--num_iterations=12", "--warmdown_iters=2"]
+# B's extra time comes from a module on the caller's PYTHONPATH, which the runs must keep
 SLOWER = """import time, torch
+from ab_test_delay import DELAY
 def _slow_backward(self, *args, _backward=torch.Tensor.backward, **kwargs):
-    time.sleep(0.05)
+    time.sleep(DELAY)
     return _backward(self, *args, **kwargs)
 torch.Tensor.backward = _slow_backward
 """
 
 
 def write_slower_copy(path):
-    """B: a copy of the trainer with 50 ms more in every backward pass, so B's record holds B's own source."""
+    """B: a copy of the trainer with 50 ms more in every backward pass, so B's record holds B's own source.
+
+    It lies outside the checkout, yet imports the trainer's modules from the repository root, as a user's
+    copy does.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     lines = open(TRAINER).read().splitlines(keepends=True)
-    after = (
-        ast.parse("".join(lines)).body[0].end_lineno
-    )  # after the docstring, which stays the docstring (--help)
+    after = ast.parse("".join(lines)).body[0].end_lineno  # after the docstring, which stays the docstring
     path.write_text("".join(lines[:after]) + SLOWER + "".join(lines[after:]))
+    (path.parent / "pythonpath").mkdir()
+    (path.parent / "pythonpath" / "ab_test_delay.py").write_text("DELAY = 0.05\n")
     return path
 
 
-def run_ab(b_script, pairs, shards):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-    }  # a tiny model: one thread is fastest, also on a busy machine
+def run_ab(b_script, pairs, flags, *ab_flags, **env):
+    # a tiny model: one thread is fastest, also on a busy machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.Popen(
-        [
-            sys.executable,
-            AB,
-            TRAINER,
-            str(b_script),
-            "--pairs",
-            str(pairs),
-            "--name",
-            "t",
-            "--",
-            *FLAGS,
-            *shards,
-        ],
+        [sys.executable, AB, TRAINER, str(b_script), "--pairs", str(pairs), "--name", "t", *ab_flags]
+        + ["--", *FLAGS, *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -63,9 +57,11 @@ def run_ab(b_script, pairs, shards):
     )
 
 
-def records_in_run_order(tmp_path):
+def records_in_run_order(records_dir):
     """The records the runs wrote, oldest first (each is closed when its run ends), with their side."""
-    logs = sorted(glob.glob(str(tmp_path / "records" / "*_t_?" / "*.txt")), key=os.path.getmtime)
+    logs = sorted(
+        glob.glob(os.path.join(glob.escape(str(records_dir)), "*_t_?", "*.txt")), key=os.path.getmtime
+    )
     return [(os.path.basename(os.path.dirname(p))[-1], open(p).read()) for p in logs]
 
 
@@ -117,6 +113,8 @@ def test_launcher_like_run_sh(monkeypatch, tmp_path):
         ([TRAINER, TRAINER, "--pairs", "0"], ["--pairs"]),
         ([TRAINER, TRAINER, "--pairs", "1", "--name", "a/b"], ["--name"]),
         ([TRAINER, TRAINER, "--pairs", "1", "--", "--run_name=x"], ["--run_name", "--name"]),
+        ([TRAINER, TRAINER, "--pairs", "1", "--target", "nan"], ["--target"]),
+        ([TRAINER, TRAINER, "--pairs", "1", "--target=-1"], ["--target"]),
     ],
 )
 def test_bad_input_is_one_line(args, words):
@@ -129,11 +127,45 @@ def test_bad_input_is_one_line(args, words):
     )
 
 
+def test_paths_are_made_absolute_where_ab_py_was_started():
+    flags = ["--input_bin", "d/*.bin", "--records_dir=r", "--resume", "latest", "--resume=c.pt", "--seed=1"]
+    flags += ["--checkpoint_dir=/abs", "--num_layers", "2", "--input_val_bin=", "--records_dir"]
+    assert ab.absolute_paths(flags, "/w[1]") == [
+        "--input_bin",
+        "/w[[]1]/d/*.bin",  # a glob: the folder escaped
+        "--records_dir=/w[1]/r",
+        "--resume",
+        "latest",
+        "--resume=/w[1]/c.pt",
+        "--seed=1",
+        "--checkpoint_dir=/abs",
+        "--num_layers",
+        "2",
+        "--input_val_bin=",
+        "--records_dir",  # no value: the trainer names the problem
+    ]
+
+
+def test_runs_import_from_the_repository_root_and_keep_pythonpath(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/x", "", "/y"]))
+    assert ab.run_env()["PYTHONPATH"].split(os.pathsep) == [ROOT, "/x", "/y"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert ab.run_env()["PYTHONPATH"] == ROOT
+
+
 def test_interleaved_runs_and_paired_ratio(shards, tmp_path):
-    p = run_ab(write_slower_copy(tmp_path / "slow_gpt2.py"), 2, shards)
+    """Also: a candidate outside the checkout, --records_dir like a glob, --target, --keep_checkpoints."""
+    records_dir = tmp_path / "abrec[x]"
+    flags = [*shards[:2], f"--records_dir={records_dir}", shards[3]]
+    b = write_slower_copy(tmp_path / "candidate" / "slow_gpt2.py")
+    p = run_ab(b, 2, flags, "--target", "9.5", "--keep_checkpoints", PYTHONPATH=str(b.parent / "pythonpath"))
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
-    records = records_in_run_order(tmp_path)
+    assert "ended with exit status" not in out and "wrote no record" not in out
+    assert "9.5" in out and "3.28" not in out  # the verdicts test --target
+    assert len(glob.glob(str(tmp_path / "checkpoints" / "t_?" / "*.pt"))) == 4  # one per run, kept
+    assert "checkpoints are kept" in out
+    records = records_in_run_order(records_dir)
     assert [side for side, _ in records] == list("abba")
     assert all(
         ("_slow_backward" in text) == (side == "b") for side, text in records
@@ -161,6 +193,7 @@ def test_interleaved_runs_and_paired_ratio(shards, tmp_path):
 
 
 def test_ctrl_c_stops_after_the_current_run(shards, tmp_path):
+    """Also: the runs' checkpoints are deleted (without --keep_checkpoints), and that is said in one line."""
     p = run_ab(TRAINER, 2, shards)
     seen = []
     for line in p.stdout:
@@ -171,7 +204,9 @@ def test_ctrl_c_stops_after_the_current_run(shards, tmp_path):
     out = "".join(seen) + p.communicate(timeout=120)[0]
     assert p.returncode == 130, out[-3000:]
     assert "ab.py: run 3/4" not in out and "Traceback" not in out
-    records = records_in_run_order(tmp_path)
+    records = records_in_run_order(tmp_path / "records")
     assert [side for side, _ in records] == ["a", "b"]
+    assert re.search(r"^ab\.py: deleted the 2 checkpoint files of these runs \(\d", out, re.M)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
     assert all(final_train_time(text) >= 0 for _, text in records)  # run 2 finished, not cut short
     assert "== comparison ==" in out and "has 1" in out  # one pair compared, no interval from one pair
