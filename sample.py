@@ -22,7 +22,8 @@ import sys
 import torch
 
 from data.flags import FlagParser, at_least
-from train_gpt2 import GPT, CheckpointError, Hyperparameters, load_checkpoint
+from harness import CheckpointError, load_checkpoint
+from train_gpt2 import GPT, Hyperparameters
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

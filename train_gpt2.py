@@ -1,31 +1,21 @@
-"""Train GPT-2 small (124M) on FineWeb to val loss 3.28, speedrun style.
+"""Train GPT-2 small (124M) on FineWeb to val loss 3.28, speedrun style: the recipe.
 
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # the 8xH100 record recipe
     python train_gpt2.py --help                                # every knob
 
-One GPU or a CPU runs the same math through gradient accumulation. Every run logs its
-own source, environment, hyperparameters and step lines to records/.
+One GPU or a CPU runs the same math through gradient accumulation. Every run logs the source of
+this file and of harness.py (flags, record, checkpoints, signals), its environment, hyperparameters
+and step lines to records/.
 """
 
-import argparse
-import dataclasses
-import errno
-import gc
 import glob
 import math
 import os
-import platform
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,43 +25,27 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import harness
+from harness import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, ShardError, knob
+
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
 
-
-class TrainError(Exception):
-    """Bad input the user can fix: main() turns it into one line on stderr and exit status 1."""
-
-
-class ConfigError(TrainError, ValueError):
-    """A flag or a combination of flags that cannot run."""
-
-
-POSITIVE = (lambda v: v > 0, "must be positive")
-NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
-
-
-def knob(default, help, rule=None):
-    """A Hyperparameters field: its default, its --help text, and the (test, reason) its value must pass."""
-    return field(default=default, metadata=dict(help=help, rule=rule))
+RUN_NAME = (
+    lambda v: re.fullmatch(r"\w[\w.-]*", v),
+    "takes letters, digits, '.', '_' and '-', and starts with a letter or digit",
+)
+DEVICES = (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
 
 
 @dataclass
 class Hyperparameters:
     input_bin: str = knob("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
-    input_val_bin: str = knob(
-        "data/fineweb10B/fineweb_val_*.bin", "glob of validation shards (the first is used)"
-    )
+    input_val_bin: str = knob("data/fineweb10B/fineweb_val_*.bin", "glob of val shards (the first is used)")
     batch_size: int = knob(512, "sequences per optimizer step, over all devices and micro-steps", POSITIVE)
-    device_batch_size: int | None = knob(
-        None, "sequences per device per micro-step; auto: most that fit, <= 64", POSITIVE
-    )
     seq_len: int = knob(1024, "tokens per sequence", POSITIVE)
     num_iterations: int = knob(3242, "optimizer steps", POSITIVE)
-    warmdown_iters: int = knob(
-        926, "last steps over which every learning rate decays linearly to 0", NON_NEGATIVE
-    )
+    warmdown_iters: int = knob(926, "last steps, over which every lr decays linearly to 0", NON_NEGATIVE)
     embed_lr: float = knob(0.3, "Adam lr of the token embedding", POSITIVE)
     head_lr: float = knob(0.002, "Adam lr of the lm head", POSITIVE)
     scalar_lr: float = knob(0.02, "Adam lr of the value-residual and x0-mixing scalars", POSITIVE)
@@ -79,65 +53,46 @@ class Hyperparameters:
     adam_beta2: float = knob(0.95, "Adam beta2, all Adam groups", FRACTION)
     muon_lr: float = knob(0.02, "Muon lr of the 2-D block matrices", POSITIVE)
     muon_momentum: float = knob(0.95, "Muon Nesterov momentum after warmup", FRACTION)
-    muon_momentum_start: float = knob(
-        0.85, "Muon momentum at step 0, warmed up linearly (-0.013 val loss)", FRACTION
-    )
+    muon_momentum_start: float = knob(0.85, "Muon momentum at step 0, warmed up linearly (-0.013)", FRACTION)
     muon_momentum_warmup_steps: int = knob(500, "steps of the Muon momentum warmup", NON_NEGATIVE)
     muon_ns_steps: int = knob(5, "Newton-Schulz iterations per Muon update", POSITIVE)
-    vocab_size: int = knob(50304, "GPT-2's 50257 padded to a multiple of 128 for fast matmuls", POSITIVE)
-    num_layers: int = knob(12, "transformer blocks", POSITIVE)
-    model_dim: int = knob(768, "residual stream width", POSITIVE)
-    num_heads: int = knob(6, "attention heads (head dim = model_dim / num_heads)", POSITIVE)
-    mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE)
+    vocab_size: int = knob(50304, "GPT-2's 50257 padded to a multiple of 128", POSITIVE, "shape")
+    num_layers: int = knob(12, "transformer blocks", POSITIVE, "shape")
+    model_dim: int = knob(768, "residual stream width", POSITIVE, "shape")
+    num_heads: int = knob(6, "attention heads (head dim = model_dim / num_heads)", POSITIVE, "shape")
+    mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE, "shape")
     rope_base: float = knob(10000.0, "rotary embedding base", POSITIVE)
     logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", POSITIVE)
     val_loss_every: int = knob(
-        125, "validate every this many steps, at step 0 and at the end; 0: the end", NON_NEGATIVE
+        125, "validate every this many steps, at 0 and at the end; 0: the end", NON_NEGATIVE
     )
     val_tokens: int = knob(10485760, "validation tokens, from the start of the val shard", POSITIVE)
     untimed_steps: int = knob(10, "first steps left out of train_time (compilation, warmup)", NON_NEGATIVE)
     seed: int = knob(0, "seed of weight init")
-    device: str = knob(
-        "auto",
-        "auto (CUDA if visible, else CPU), cuda or cpu",
-        (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu"),
-    )
-    compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU")
-    run_name: str = knob(
-        "run",
-        "record name: the log goes to records_dir/<date>_<run_name>/",
-        (
-            lambda v: re.fullmatch(r"\w[\w.-]*", v),
-            "takes letters, digits, '.', '_' and '-', and starts with a letter or digit",
-        ),
-    )
+    run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/", RUN_NAME)
     records_dir: str = knob("records", "where run logs are written")
-    checkpoint_dir: str = knob(
-        "checkpoints", "where checkpoints are written (outside records/: they are large)"
-    )
+    checkpoint_dir: str = knob("checkpoints", "where checkpoints go (outside records/: they are large)")
     save_every: int = knob(0, "checkpoint every this many steps; 0 = off", NON_NEGATIVE)
-    save_every_minutes: float = knob(
-        30.0, "checkpoint every this many minutes of wall time; 0 = off", NON_NEGATIVE
-    )
+    save_every_minutes: float = knob(30.0, "checkpoint every this many minutes; 0 = off", NON_NEGATIVE)
     keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE)
-    resume: str = knob("", "checkpoint to continue from: a path, or latest (the newest of this run_name)")
-    memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card; 0 = no cap", NON_NEGATIVE)
-    progress_seconds: float = knob(
-        10.0, "console progress line (steps/s, tokens/s, ETA) this often; 0 = off", NON_NEGATIVE
+    progress_seconds: float = knob(10.0, "console progress line this often; 0 = off", NON_NEGATIVE)
+    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu", DEVICES, "machine")
+    device_batch_size: int | None = knob(
+        None, "sequences per micro-step; auto: most that fit", POSITIVE, "machine"
     )
+    compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
+    memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
+    resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "machine")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value, rule = getattr(self, f.name), f.metadata["rule"]
-            if rule and value is not None and not rule[0](value):
-                raise ConfigError(f"--{f.name} {rule[1]}, got {value!r}")
+        harness.check_fields(self)
         if self.warmdown_iters > self.num_iterations:
             raise ConfigError(
                 f"--warmdown_iters={self.warmdown_iters} exceeds --num_iterations={self.num_iterations}"
             )
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             raise ConfigError(
-                f"--model_dim={self.model_dim} must split into --num_heads={self.num_heads} heads of even size"
+                f"--model_dim={self.model_dim} must split into --num_heads={self.num_heads} even-sized heads"
             )
         if self.val_tokens % (self.batch_size * self.seq_len):
             raise ConfigError(
@@ -158,78 +113,6 @@ class Hyperparameters:
                 f"sequences per device ({self.batch_size} / {world_size} devices); use a divisor or auto"
             )
         return per_device // (self.device_batch_size or per_device)
-
-    def as_flags(self):
-        return [f"--{f.name}={flag_text(getattr(self, f.name))}" for f in dataclasses.fields(self)]
-
-
-def flag_text(value):
-    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def flag_type(kind):
-    """argparse's converter for a field type; `T | None` also takes auto (None: decided at start-up)."""
-    base = next(t for t in getattr(kind, "__args__", (kind,)) if t is not type(None))
-
-    def convert(text):
-        if base is bool and text.lower() not in ("true", "false", "auto"):
-            raise ValueError(text)
-        return (
-            None
-            if text == "auto" and base is not kind
-            else text.lower() == "true"
-            if base is bool
-            else base(text)
-        )
-
-    convert.__name__ = base.__name__ + (" or auto" if base is not kind else "")  # argparse names it in errors
-    return convert
-
-
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, raised, instead of usage text and sys.exit(2)
-        raise ConfigError(f"{message} (see --help)")
-
-
-def flag_parser():
-    parser = FlagParser(
-        prog="train_gpt2.py",
-        usage="%(prog)s [--name value | --name=value ...]",
-        allow_abbrev=False,
-        description=__doc__.split("\n\n")[0],
-        argument_default=argparse.SUPPRESS,
-        epilog="Flags take --name value or --name=value.",
-    )
-    for f in dataclasses.fields(Hyperparameters):
-        is_bool = bool in getattr(f.type, "__args__", (f.type,))
-        parser.add_argument(
-            f"--{f.name}",
-            type=flag_type(f.type),
-            nargs="?" if is_bool else None,
-            const=True if is_bool else None,
-            metavar=f.name.upper(),
-            help=f"{f.metadata['help']} (default: {flag_text(f.default)})",
-        )
-    return parser
-
-
-def parse_flags(argv):
-    """The flags given on the command line, as {name: typed value}; anything unknown is a ConfigError."""
-    return vars(flag_parser().parse_args(argv))
-
-
-def parse_args(argv):
-    return Hyperparameters(**parse_flags(argv))
-
-
-MACHINE_FIELDS = (
-    "device_batch_size",
-    "device",
-    "compile",
-    "resume",
-    "memory_limit_gb",
-)  # not inherited on resume
-SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "mlp_ratio")  # a checkpoint fixes these
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +165,7 @@ class Muon(torch.optim.Optimizer):
         return range(self.rank, len(params), self.world_size)
 
     def _gather_from_owners(self, params, values, dtype):
-        """Every rank gets each owner's value: one all-reduce of a flat buffer, zero outside the owners' slices."""
+        """Every rank gets each owner's value: one all-reduce of a flat buffer, zero elsewhere."""
         offsets = np.cumsum([0] + [p.numel() for p in params])
         flat = torch.zeros(offsets[-1], dtype=dtype, device=params[0].device)
         for index in self._owned(params):
@@ -304,7 +187,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             updates = self._gather_from_owners(
-                params, lambda p: self._orthogonalized_update(p, group["momentum"]), self.ns_dtype
+                params,
+                lambda p, momentum=group["momentum"]: self._orthogonalized_update(p, momentum),
+                self.ns_dtype,
             )
             for p, update in zip(params, updates):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
@@ -463,12 +348,12 @@ class GPT(nn.Module):
 
 
 def compute_dtype(device):
-    """The one precision switch: bf16 on CUDA (the recipe's casts), fp32 on CPU (bf16 is 25-75x slower there)."""
+    """The one precision switch: bf16 on CUDA (the recipe's casts), fp32 on CPU (25-75x faster there)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def cast_model(model, dtype):
-    """bf16 embedding and scalars; linears keep fp32 master weights and cast in the matmul (154.8 -> 144.7 ms/step)."""
+    """bf16 embedding and scalars; fp32 linear weights, cast in the matmul (154.8 -> 144.7 ms/step)."""
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, CastedLinear):
@@ -511,9 +396,6 @@ def build_optimizers(model, args, rank, world_size, device):
         muon.orthogonalize = torch.compile(
             newton_schulz_orthogonalize, dynamic=False, options=INDUCTOR_OPTIONS
         )
-    for opt in (adam, muon):
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
     return adam, muon
 
 
@@ -522,10 +404,6 @@ def build_optimizers(model, args, rank, world_size, device):
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
-
-
-class ShardError(TrainError, ValueError):
-    """A missing, corrupt or too small token shard."""
 
 
 def read_shard(path):
@@ -556,8 +434,8 @@ def read_shard(path):
 
 
 class ShardLoader:
-    """The shards matching `pattern` as one token stream: each step takes the next batch_size*seq_len+1 tokens
-    (dropping a shard's leftover) and gives rank r the r-th slice: the same tokens on any world size or micro-batch."""
+    """The shards matching `pattern` as one token stream: each step takes the next batch_size*seq_len+1
+    tokens (dropping a shard's leftover) and gives rank r the r-th slice, whatever the world size."""
 
     def __init__(self, pattern, batch_size, seq_len, rank, world_size, device, vocab_size=2**16):
         self.files = sorted(glob.glob(pattern))
@@ -667,331 +545,6 @@ def all_reduce_sum(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging: the speedrun record format
-
-
-class OutputError(TrainError):
-    """A record or checkpoint that cannot be written: full disk, read-only folder."""
-
-
-class PeerFailure(TrainError):
-    """This rank stops because another rank failed: the rank that failed gives the reason."""
-
-
-def output_error(path, error):
-    if error.errno == errno.ENOSPC:
-        return OutputError(
-            f"the disk holding {os.path.dirname(path) or '.'} is full: free space there, or point "
-            f"--records_dir / --checkpoint_dir at another disk"
-        )
-    return OutputError(f"cannot write {path}: {error.strerror or error}")
-
-
-class RunLog:
-    """Prints on rank 0 and appends whole lines to a new record file; other ranks stay silent. A line the disk
-    cannot take is left out whole and remembered in `error`: the loop then stops the run at the next step."""
-
-    def __init__(self, path):
-        self.path, self.fd, self.size, self.error = path, None, 0, None
-        if path:
-            try:  # O_EXCL: never over an earlier record; O_APPEND: after a failed line, the next goes at the end
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            except OSError as e:
-                raise output_error(path, e) from None
-
-    def __call__(self, line="", console=True, record=True):
-        if self.fd is None:
-            return
-        if console:
-            print(line, flush=True)
-        if (
-            record and self.error is None
-        ):  # after a failure, the console only: no line goes missing mid-record
-            data, written = (line + "\n").encode(), 0
-            try:
-                while written < len(data):
-                    written += os.write(self.fd, data[written:])
-                self.size += written
-            except OSError as e:
-                os.ftruncate(self.fd, self.size)  # never half a line: a reader sees whole lines only
-                self.error = self.error or output_error(self.path, e)
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def environment_lines(device):
-    lines = [
-        f"Running Python {sys.version}",
-        f"Running PyTorch {torch.__version__} compiled for CUDA {torch.version.cuda}",
-    ]
-    if device.type != "cuda":
-        return lines + [f"CPU: {cpu_name()} ({os.cpu_count()} cores)"]
-    try:
-        return lines + [
-            subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.rstrip()
-        ]
-    except (OSError, subprocess.SubprocessError) as e:
-        return lines + [f"nvidia-smi unavailable: {e}"]
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {cpu_name()}"
-
-
-def peak_memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) // 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # Linux reports KiB
-
-
-def progress_line(step, args, train_loss, steps_per_s, clock):
-    return (
-        f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s "
-        f"{steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
-        f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
-        f"{timedelta(seconds=round((args.num_iterations - step) / steps_per_s))}"
-    )
-
-
-def open_record(args, run_id, now, rank, device, world_size, accum_steps, notes):
-    """The record file (rank 0): source, environment, flags and notes, in the speedrun layout."""
-    path = os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}", f"{run_id}.txt")
-    environment = (
-        environment_lines(device) if rank == 0 else []
-    )  # nvidia-smi may take seconds: before the file
-    log = RunLog(path if rank == 0 else None)
-    with open(__file__) as f:
-        log(f.read().rstrip("\n"), console=False)  # the record starts with the exact source
-    for line in ["=" * 100, *environment, "Hyperparameters:", *args.as_flags(), "Notes:", *notes, "=" * 100]:
-        log(line, console=False)
-    log(
-        f"record: {log.path}  (world size {world_size}, {device_name(device)}, device_batch_size "
-        f"{args.device_batch_size} x {accum_steps} micro-steps)",
-        record=False,
-    )
-    return log
-
-
-class Clock:
-    """Device-synchronized train time; validation, checkpoints and the untimed warmup steps are left out."""
-
-    def __init__(self, device, train_ms=0.0, timed_steps=0):
-        self.device, self.train_ms, self.timed_steps, self.since = device, train_ms, timed_steps, None
-
-    def _now(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def start(self):
-        self.since = self._now()
-
-    def lap(self, count_step=True):
-        """Add the time since the last lap (a finished step, or the start of a pause)."""
-        if self.since is not None:
-            now = self._now()
-            self.train_ms += 1000 * (now - self.since)
-            self.timed_steps, self.since = self.timed_steps + count_step, now
-
-    def __str__(self):  # the speedrun's timing fields; step_avg is nan until a step is timed
-        step_avg = self.train_ms / self.timed_steps if self.timed_steps else float("nan")
-        return f"train_time:{self.train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
-
-    @contextmanager
-    def paused(self):
-        self.lap(count_step=False)
-        yield
-        if self.since is not None:
-            self.start()
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and stop signals
-
-CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
-
-
-class CheckpointError(TrainError, ValueError):
-    """A checkpoint that is missing, unreadable, or of another model."""
-
-
-def load_checkpoint(path):
-    """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
-        reason = " ".join(str(e).split()).split(". ")[
-            0
-        ]  # the first sentence: torch's advice that follows is unsafe
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
-    return checkpoint
-
-
-def resolve_args(argv):
-    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under the given flags."""
-    flags = parse_flags(argv)
-    if not flags.get("resume"):
-        return Hyperparameters(**flags), None
-    path = flags["resume"]
-    if path == "latest":
-        run_name = flags.get("run_name", Hyperparameters.run_name)
-        folder = os.path.join(flags.get("checkpoint_dir", Hyperparameters.checkpoint_dir), run_name)
-        paths = glob.glob(os.path.join(folder, "*.pt"))
-        if not paths:
-            raise CheckpointError(
-                f"--resume=latest found no checkpoint of --run_name={run_name} in {folder}/"
-            )
-        path = max(paths, key=os.path.getmtime)
-    checkpoint = load_checkpoint(path)
-    missing = {
-        "hyperparameters",
-        "step",
-        "model",
-        "adam",
-        "muon_momentum",
-        "data",
-        "rng",
-        "train_ms",
-        "timed_steps",
-        "record",
-    } - checkpoint.keys() or set(SHAPE_FIELDS) - checkpoint["hyperparameters"].keys()
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks {', '.join(sorted(missing))}: not a complete training checkpoint"
-        )
-    known = {f.name for f in dataclasses.fields(Hyperparameters)} - set(MACHINE_FIELDS)
-    inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
-    args = Hyperparameters(**{**inherited, **flags, "resume": path})
-    for name in SHAPE_FIELDS:
-        if getattr(args, name) != inherited[name]:
-            raise CheckpointError(
-                f"{path} holds a model with --{name}={inherited[name]}, not {getattr(args, name)}: "
-                f"resume it without changing the model shape"
-            )
-    if args.num_iterations <= checkpoint["step"]:
-        raise CheckpointError(
-            f"{path} is at step {checkpoint['step']}: nothing to train up to "
-            f"--num_iterations={args.num_iterations}; raise it to continue"
-        )
-    return args, checkpoint
-
-
-def save_checkpoint(path, args, step, model, adam, muon, train_loader, clock, record, world_size):
-    """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0; a failure to write
-    it ends every rank (agreed by an all-reduce), so none waits in the next step's collectives."""
-    state = dict(
-        format=CHECKPOINT_FORMAT,
-        hyperparameters=dataclasses.asdict(args),
-        step=step,
-        model=model.state_dict(),
-        adam=adam.state_dict(),
-        muon_momentum=muon.momentum_buffers(),
-        data=train_loader.state(),
-        train_ms=clock.train_ms,
-        timed_steps=clock.timed_steps,
-        record=record,
-        rng=dict(
-            cpu=torch.get_rng_state(),
-            cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0),
-        ),
-    )
-    error = None
-    try:
-        if path is not None:  # ranks other than 0 only take part in the momentum gather
-            torch.save(state, path + ".tmp")
-            os.replace(path + ".tmp", path)  # never a half-written file under the final name
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as some RuntimeError of its own
-        full = (
-            getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**20
-        )
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        error = output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e)))
-    if all_reduce_sum(torch.tensor(float(error is not None), device=train_loader.device), world_size).item():
-        raise error or PeerFailure("rank 0 could not write the checkpoint")
-
-
-def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
-    """Load a checkpoint into a freshly built run; returns (step to continue from, the clock to go on with)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in adam.param_groups]
-    try:
-        model.load_state_dict(checkpoint["model"])
-        adam.load_state_dict(checkpoint["adam"])
-        muon.load_momentum_buffers(checkpoint["muon_momentum"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        step, data, train_ms, timed_steps = (
-            checkpoint[k] for k in ("step", "data", "train_ms", "timed_steps")
-        )
-    except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as e:
-        raise CheckpointError(
-            f"{path} does not match the model its own flags describe "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
-    for group, setting in zip(adam.param_groups, settings):
-        group.update(
-            setting
-        )  # this run's lrs, betas and fused kernel; load_state_dict brought the saved ones
-    train_loader.seek(**data)
-    return step, Clock(train_loader.device, train_ms, timed_steps)
-
-
-class Interrupted(Exception):
-    """A signal that ends the run where it is: exit status 128 + its number."""
-
-    def __init__(self, signum, why):
-        super().__init__(f"{signal.Signals(signum).name} {why}")
-        self.exit_code = 128 + signum
-
-
-class StopRequest:
-    """SIGINT/SIGTERM: before training, stop at once; during it, checkpoint and stop at the next step
-    boundary (a Ctrl-C more than 5 s later aborts at once: torchrun's forwarded copy of the first is
-    not a second); once the record is closed, exit at once without a traceback."""
-
-    def __init__(self):
-        self.signal, self.since, self.previous, self.phase = None, 0.0, {}, "start-up"
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.phase == "finishing":
-            return  # the record's last lines take milliseconds: torchrun's SIGTERM to the other ranks waits for them
-        if self.phase == "shutdown":
-            os._exit(128 + signum)  # the record is closed: nothing is lost
-        if self.phase == "start-up":
-            raise Interrupted(signum, "before the first step was done: nothing to save")
-        if self.signal is None:
-            self.signal, self.since = signum, time.monotonic()
-        elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
-            raise Interrupted(signum, "a second time: stopped at once, no checkpoint")
-
-
-# ----------------------------------------------------------------------------------------------
 # Training loop
 
 
@@ -1000,53 +553,9 @@ def lr_multiplier(step, args):
     return min(1.0, (args.num_iterations - step) / args.warmdown_iters) if args.warmdown_iters else 1.0
 
 
-def muon_momentum(step, args):
+def muon_momentum_at(step, args):
     frac = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
-
-
-def probe_fits(model, args, size, device):
-    """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states.
-    `model` is the compiled model training will use: eager needs far more memory (unfused softcap and loss)."""
-    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
-    try:
-        reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
-        tokens = torch.zeros(size, args.seq_len, dtype=torch.long, device=device)
-        model(tokens, tokens).backward()
-        return True
-    except torch.OutOfMemoryError:
-        return False
-    except RuntimeError as e:  # cuBLAS/cuDNN workspaces fail with their own error when memory runs out
-        if "ALLOC" in str(e) or "out of memory" in str(e):
-            return False
-        raise
-    finally:
-        reserve = tokens = None
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-
-
-def choose_device_batch_size(model, args, world_size, device, fits=None):
-    """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
-    all ranks take the smallest choice. On a CPU nothing is probed unless `fits` is given (tests)."""
-    per_device = args.batch_size // world_size
-    candidates = [size for size in range(min(64, per_device), 0, -1) if per_device % size == 0]
-    if fits is None and device.type != "cuda":
-        return candidates[0], "auto on CPU: no memory probe, the largest candidate"
-    fits = fits or (lambda size: probe_fits(model, args, size, device))
-    chosen = next((size for size in candidates if fits(size)), None)
-    if chosen is None:
-        raise ConfigError(
-            f"not even one sequence of {args.seq_len} tokens fits in {device_name(device)}'s memory"
-        )
-    if world_size > 1:
-        chosen_tensor = torch.tensor(chosen, device=device)
-        dist.all_reduce(chosen_tensor, op=dist.ReduceOp.MIN)
-        chosen = int(chosen_tensor)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    larger = [size for size in candidates if size > chosen]
-    return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}"
 
 
 @torch.no_grad()
@@ -1069,7 +578,7 @@ def attention_backends(device):
     """cuDNN attention first on Hopper (the record's choice, faster than flash there), PyTorch's other kernels
     after it for any shape cuDNN rejects; PyTorch's own order elsewhere. Yields the note for the record."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
-        yield f"attention: PyTorch's default SDPA order on {device_name(device)}"
+        yield f"attention: PyTorch's default SDPA order on {harness.device_name(device)}"
         return
     order = [
         SDPBackend.CUDNN_ATTENTION,
@@ -1081,95 +590,96 @@ def attention_backends(device):
         yield "attention: cuDNN SDPA first (Hopper), then flash, memory-efficient, math"
 
 
-def prune_checkpoints(saved, keep):
-    """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
-    for path in saved[:-keep]:
-        if path and os.path.exists(path):
-            os.remove(path)
-    return saved[-keep:]
+# ----------------------------------------------------------------------------------------------
+# Training loop
 
 
-def train(
-    args,
-    world_size,
-    model,
-    ddp,
-    adam,
-    muon,
-    train_loader,
-    val_loader,
-    accum_steps,
-    start_step,
-    clock,
-    log,
-    checkpoint_path,
-    stop,
-    progress,
-):
-    """Steps start_step+1 .. num_iterations; `progress` keeps the last step and val loss for the summary.
-    Returns None at the end, or why every rank agreed to stop early (a signal, or a full disk for the record)."""
-    progress_at, progress_step = time.monotonic(), start_step
-    last_save, save_now, stop_now, saved = time.monotonic(), False, False, []
-    for step in range(start_step, args.num_iterations + 1):
+@dataclass
+class Run:
+    """One run's parts, built by build_run() and stepped by train()."""
+
+    args: Hyperparameters
+    rank: int
+    world_size: int
+    device: torch.device
+    started: object  # datetime: the record's folder is dated by it
+    run_id: str
+    model: nn.Module  # the parameters, which the optimizers and checkpoints hold
+    ddp: nn.Module  # the model as trained: compiled, wrapped in DDP on more than one rank
+    adam: torch.optim.Adam
+    muon: Muon
+    train_loader: ShardLoader
+    val_loader: ShardLoader
+    accum_steps: int
+    start_step: int
+    clock: harness.Clock
+
+
+def train(run, log, stop, latest):
+    """Steps start_step+1 .. num_iterations, keeping `latest` up to date for the summary. Returns None at the
+    end, or why every rank agreed to stop early (a signal, or a full disk for the record)."""
+    args, ddp, clock, accum_steps = run.args, run.ddp, run.clock, run.accum_steps
+    progress_at, progress_step, last_save, saved = time.monotonic(), run.start_step, time.monotonic(), []
+    save_now = stop_now = False
+    for step in range(run.start_step, args.num_iterations + 1):
         last_step = step == args.num_iterations
-        if step == start_step + args.untimed_steps:
+        if step == run.start_step + args.untimed_steps:
             clock.start()  # after compilation and warmup, in every (resumed) process
 
         # ---------------- validation and checkpoint, with the clock paused ----------------
         if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
             with clock.paused():
-                progress["val_loss"] = evaluate(ddp, val_loader, args, accum_steps, world_size)
-            log(f"step:{step}/{args.num_iterations} val_loss:{progress['val_loss']:.4f} {clock}")
-        if step > start_step and (
+                latest.val_loss = evaluate(ddp, run.val_loader, args, accum_steps, run.world_size)
+            log(f"step:{step}/{args.num_iterations} val_loss:{latest.val_loss:.4f} {clock}")
+        if step > run.start_step and (
             save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))
         ):
             with clock.paused():
-                path = checkpoint_path(step)
-                save_checkpoint(
-                    path, args, step, model, adam, muon, train_loader, clock, log.path, world_size
+                path = harness.save_checkpoint(run, step, log.path)
+                saved, last_save = (
+                    harness.prune_checkpoints(saved + [path], args.keep_checkpoints),
+                    time.monotonic(),
                 )
-                saved, last_save = prune_checkpoints(saved + [path], args.keep_checkpoints), time.monotonic()
             log(f"checkpoint: {path}", record=stop_now or last_step)
         if last_step:
             return None
         if stop_now:
-            why = log.error or signal.Signals(stop.signal or signal.SIGTERM).name
+            why = log.error or harness.signal_name(stop.signal)
             return f"{why} at step {step}: checkpoint saved, resume with --resume"
 
         # ---------------- one optimizer step over the global batch ----------------
-        x, y = train_loader.next_batch()
+        x, y = run.train_loader.next_batch()
         train_loss = torch.zeros((), device=x.device)
         for micro_step, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
-            with nullcontext() if micro_step == accum_steps - 1 or world_size == 1 else ddp.no_sync():
+            with nullcontext() if micro_step == accum_steps - 1 or run.world_size == 1 else ddp.no_sync():
                 loss = ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
                 (
                     loss / accum_steps
-                ).backward()  # mean, not sum, over micro-steps: same math on any device count
+                ).backward()  # the mean over micro-steps: the same math on any device count
             train_loss += loss.detach() / accum_steps
         if step + 1 < args.num_iterations:
-            train_loader.prefetch()  # while the device still runs this step's kernels
-        for opt in (adam, muon):
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_multiplier(step, args)
-        muon.param_groups[0]["momentum"] = muon_momentum(step, args)
-        adam.step()
-        muon.step()
+            run.train_loader.prefetch()  # while the device still runs this step's kernels
+        for group, lr in zip(run.adam.param_groups, (args.embed_lr, args.head_lr, args.scalar_lr)):
+            group["lr"] = lr * lr_multiplier(step, args)
+        run.muon.param_groups[0].update(
+            lr=args.muon_lr * lr_multiplier(step, args), momentum=muon_momentum_at(step, args)
+        )
+        run.adam.step()
+        run.muon.step()
         ddp.zero_grad(set_to_none=True)
 
-        # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ----------------
-        due = bool(args.save_every and (step + 1) % args.save_every == 0) or bool(
+        # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ---------------
+        stop_wanted = stop.signal is not None or log.error is not None
+        save_due = bool(args.save_every and (step + 1) % args.save_every == 0) or bool(
             args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
         )
-        votes = torch.zeros(3, device=x.device)
-        votes[0] = (
-            train_loss  # fill_ with a Python number launches a kernel; `votes[i] = number` would copy and sync
-        )
-        votes[1].fill_(float(stop.signal is not None or log.error is not None))
-        votes[2].fill_(float(due))
-        loss_sum, stop_votes, save_votes = all_reduce_sum(votes, world_size).tolist()
+        votes = [train_loss, torch.full_like(train_loss, stop_wanted), torch.full_like(train_loss, save_due)]
+        loss_sum, stop_votes, save_votes = all_reduce_sum(
+            torch.stack(votes), run.world_size
+        ).tolist()  # no sync before
         clock.lap()
-        train_loss, stop_now, save_now, progress["step"] = (
-            loss_sum / world_size,
+        train_loss, stop_now, save_now, latest.step = (
+            loss_sum / run.world_size,
             stop_votes > 0,
             save_votes > 0,
             step + 1,
@@ -1182,7 +692,7 @@ def train(
             )
         if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
             rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
-            log(progress_line(step + 1, args, train_loss, rate, clock), record=False)
+            log(harness.progress_line(step + 1, args, train_loss, rate, clock), record=False)
             progress_at, progress_step = time.monotonic(), step + 1
 
 
@@ -1190,174 +700,67 @@ def train(
 # main
 
 
-def build_run(args, rank, world_size, device, checkpoint):
-    """Everything training needs, built before the record opens so that bad input fails in one line."""
-    notes = []
+def build_run(args, rank, world_size, device, checkpoint, started=None, run_id=""):
+    """Everything training needs, built before the record opens so that bad input fails in one line; with it
+    the notes for the record."""
     loader_args = (args.batch_size, args.seq_len, rank, world_size, device, args.vocab_size)
     train_loader = ShardLoader(args.input_bin, *loader_args)
     val_loader = ShardLoader(args.input_val_bin, *loader_args)
-    overlap = {os.path.realpath(p) for p in train_loader.files} & {os.path.realpath(val_loader.files[0])}
-    if overlap:
-        raise ConfigError(
-            f"--input_bin also matches the validation shard {overlap.pop()}: training on it makes "
-            f"val loss meaningless; narrow the glob"
-        )
-    if len(val_loader.tokens) < args.val_tokens + 1:  # the loader has the first val shard open
-        raise ShardError(
-            f"{val_loader.files[0]}: {len(val_loader.tokens)} tokens is fewer than "
-            f"--val_tokens={args.val_tokens} (+1); lower --val_tokens"
-        )
-    if args.num_iterations > train_loader.steps_per_pass:
-        notes.append(
-            f"data: the train shards hold {train_loader.steps_per_pass} steps; later steps see the same "
-            f"tokens again (download more shards to avoid it)"
-        )
+    notes = harness.check_data(args, train_loader, val_loader)
     torch.manual_seed(args.seed)
-    try:
+    with harness.model_fits(device):
         model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
-    except (RuntimeError, MemoryError) as e:  # CUDA raises OutOfMemoryError, the CPU allocator a RuntimeError
-        if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
-            raise
-        raise ConfigError(
-            f"the model does not fit in {device_name(device)}'s memory ({type(e).__name__}); "
-            f"check --vocab_size, --model_dim and --num_layers"
-        ) from None
     adam, muon = build_optimizers(model, args, rank, world_size, device)
-    start_step, clock = 0, Clock(device)
+    start_step, clock = 0, harness.Clock(device)
     if checkpoint is not None:
-        start_step, clock = restore_checkpoint(checkpoint, args.resume, model, adam, muon, train_loader)
+        start_step, clock = harness.restore_checkpoint(
+            checkpoint, args.resume, model, adam, muon, train_loader
+        )
         notes.append(
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
         )
-    compiled = (
-        compile_model(model) if args.compile else model
-    )  # the probe's compilation is the one training reuses
+    compiled = compile_model(model) if args.compile else model
     if args.device_batch_size is None:
-        args.device_batch_size, reason = choose_device_batch_size(compiled, args, world_size, device)
+        args.device_batch_size, reason = harness.choose_device_batch_size(compiled, args, world_size, device)
         notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
-    ddp = (
-        compiled
-        if world_size == 1
-        else DDP(  # bucket views: no second copy of the gradients
-            compiled,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True,
-        )
+    ddp = compiled
+    if world_size > 1:  # bucket views: no second copy of the gradients
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
+    parts = (
+        model,
+        ddp,
+        adam,
+        muon,
+        train_loader,
+        val_loader,
+        args.grad_accum_steps(world_size),
+        start_step,
+        clock,
     )
-    return (model, ddp, adam, muon, train_loader, val_loader), start_step, clock, notes
-
-
-def prepare_outputs(args, now):
-    """The record and checkpoint folders, created and proven writable before anything slow starts."""
-    folders = dict(
-        records_dir=os.path.join(args.records_dir, f"{now:%Y-%m-%d}_{args.run_name}"),
-        checkpoint_dir=os.path.join(args.checkpoint_dir, args.run_name),
-    )
-    for flag, folder in folders.items():
-        try:
-            os.makedirs(folder, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as e:
-            raise OutputError(f"cannot write to {folder}: {e.strerror}; pick another --{flag}") from None
-    stale = glob.glob(os.path.join(folders["checkpoint_dir"], "*.pt.tmp"))
-    return [
-        f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was writing when "
-        f"it was killed: delete it"
-        for path in stale
-    ]
-
-
-def first_failure(error, rank, world_size):
-    """Why the run failed, agreed in the process group's store. Only a rank that failed itself posts its reason;
-    a rank that only saw a collective fail, or another rank's agreed failure, waits for that reason."""
-    reason = f"rank {rank} failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
-    if world_size == 1:
-        return reason.split(": ", 1)[1]
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        if not isinstance(error, (PeerFailure, dist.DistError)):
-            return store.compare_set("first_failure", "", reason).decode()  # the first own failure wins
-        store.wait(["first_failure"], timedelta(seconds=10))
-        return store.get("first_failure").decode()
-    except Exception:  # no reason posted in time, or the store went with the failing rank's node
-        return reason
-
-
-def finish_record(log, stopped, progress, clock, device, world_size):
-    """The record's last lines, `stopped:` and `summary:`."""
-    lines = ([f"stopped: {stopped}"] if stopped else []) + [
-        f"summary: final_val_loss:{progress['val_loss']:.4f} {clock} peak_memory:{peak_memory_mib(device)}MiB "
-        f"world_size:{world_size} device:{device_name(device)}"
-    ]
-    for line in lines:
-        log(line)  # on the console too, where it survives a full disk
-    log.close()
+    return Run(args, rank, world_size, device, started, run_id, *parts), notes
 
 
 def run(argv, stop):
     """One training run; returns the exit status, or raises what ended it."""
-    args, checkpoint = resolve_args(argv)
+    args, checkpoint = harness.resolve_args(Hyperparameters, argv, __doc__.split("\n\n")[0])
     rank, world_size, device = setup_distributed(args.device)
     args.grad_accum_steps(world_size)
-    if args.memory_limit_gb and device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
+    harness.cap_memory(args, device)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
-    now = datetime.now()
-    run_id = f"{now:%H%M%S}-{uuid.uuid4().hex[:8]}"
-    notes = prepare_outputs(args, now) if rank == 0 else []
+    started, run_id = harness.new_run_id()
+    notes = harness.prepare_outputs(args, started) if rank == 0 else []
     with attention_backends(device) as attention_note:
-        parts, start_step, clock, run_notes = build_run(args, rank, world_size, device, checkpoint)
-        accum_steps = args.grad_accum_steps(world_size)
-        log = open_record(
-            args, run_id, now, rank, device, world_size, accum_steps, [attention_note] + notes + run_notes
-        )
+        run, run_notes = build_run(args, rank, world_size, device, checkpoint, started, run_id)
+        log = harness.open_record(run, sys.modules[__name__], [attention_note] + notes + run_notes)
         for note in notes:
             log(note, record=False)
-        checkpoint_prefix = os.path.join(args.checkpoint_dir, args.run_name, run_id)
-        checkpoint_path = lambda step: f"{checkpoint_prefix}-step{step:06d}.pt" if rank == 0 else None  # noqa: E731
-        progress, error = dict(step=start_step, val_loss=float("nan")), None
-        try:
-            stopped = train(
-                args, world_size, *parts, accum_steps, start_step, clock, log, checkpoint_path, stop, progress
-            )
-        except BaseException as e:
-            if isinstance(e, torch.OutOfMemoryError):
-                e = TrainError(
-                    f"out of GPU memory: --device_batch_size={args.device_batch_size} does not fit in "
-                    f"{device_name(device)}; use --device_batch_size=auto or a smaller divisor"
-                )
-            stopped = first_failure(e, rank, world_size)
-            error = e if world_size == 1 or stopped.startswith(f"rank {rank} ") else TrainError(stopped)
-        finally:
-            stop.phase = "finishing"
-            finish_record(log, stopped, progress, clock, device, world_size)
-            stop.phase = "shutdown"
-            del (
-                parts
-            )  # DDP holds the process group: freed at exit, gloo aborted 5 of 150 two-rank runs (0 of 150 so)
-            gc.collect()
-    if error or log.error:
-        raise error or log.error
-    return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
+        return harness.train_to_the_end(train, run, log, stop)
 
 
 def main(argv):
     """Exit status 0 on success; a project error ends in one line on stderr, a signal in 128 + its number."""
-    stop = StopRequest()
-    try:
-        with stop:  # the process group goes inside it: a Ctrl-C there exits without a traceback
-            try:
-                return run(argv, stop)
-            finally:
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-    except (TrainError, FloatingPointError) as e:
-        rank = int(os.environ.get("RANK", 0))
-        raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
-    except Interrupted as e:
-        print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+    return harness.main(run, argv)
 
 
 if __name__ == "__main__":

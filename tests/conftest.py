@@ -38,6 +38,14 @@ STEP_LINE = re.compile(
 )
 
 
+def parse_args(argv):
+    """The Hyperparameters these flags give, as the trainer parses them."""
+    import harness
+    import train_gpt2
+
+    return harness.parse_args(train_gpt2.Hyperparameters, argv)
+
+
 def learnable_tokens(n, vocab=TINY_VOCAB, seed=0):
     """A noisy deterministic chain: the next token is (7*prev + 3) % vocab 90% of the time."""
     rng = np.random.default_rng(seed)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_FLAGS, read_record
 
+import harness
 import train_gpt2
 
 STEPS = ["--num_iterations=6", "--warmdown_iters=2", "--val_loss_every=0", "--save_every_minutes=0"]
@@ -30,11 +31,12 @@ def checkpoints(folder):
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A 64 KiB filesystem, to fill up for real; skipped where this process may not mount one."""
+    """A 128 KiB filesystem (room for a record's source, not its steps) to fill up for real; skipped where
+    this process may not mount one."""
     folder = tmp_path / "small_disk"
     folder.mkdir()
     if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(folder)], capture_output=True
     ).returncode:
         pytest.skip(
             "cannot mount a tmpfs here (needs root): test_a_record_line_that_fails_is_left_out_whole "
@@ -91,7 +93,7 @@ def test_a_full_disk_for_checkpoints_is_one_line_and_leaves_no_temp_file(shards,
 
 
 def test_a_record_line_that_fails_is_left_out_whole(tmp_path, monkeypatch):
-    log = train_gpt2.RunLog(str(tmp_path / "record.txt"))
+    log = harness.RunLog(str(tmp_path / "record.txt"))
     log("first line", console=False)
     real_write = os.write
 
@@ -212,7 +214,7 @@ def test_a_signal_during_start_up_stops_at_once(shards, monkeypatch, capsys):
 
 
 def test_a_signal_during_shutdown_exits_without_a_traceback(monkeypatch):
-    stop = train_gpt2.StopRequest()
+    stop = harness.StopRequest()
     stop.phase = "shutdown"
     monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
     with pytest.raises(SystemExit) as done:
@@ -225,6 +227,7 @@ def test_a_failing_rank_is_named_in_rank_0s_record(shards, tmp_path):
     script = tmp_path / "rank1_fails.py"
     script.write_text(f"""import os, sys
 sys.path.insert(0, {ROOT!r})
+import harness
 import train_gpt2
 load, calls = train_gpt2.ShardLoader._load, []
 def failing_load(self):
@@ -308,7 +311,7 @@ def test_a_checkpoint_write_that_fails_on_a_full_disk_is_one_line(shards, tmp_pa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7552 vs 7446")
 
     monkeypatch.setattr(torch, "save", full_disk_save)
-    monkeypatch.setattr(train_gpt2.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+    monkeypatch.setattr(harness.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--save_every=3"])
     assert "full" in one_line(stop) and "enforce fail" not in str(stop.value)

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, parse_args
 
 import train_gpt2
-from train_gpt2 import ConfigError, Hyperparameters, parse_args
+from harness import as_flags
+from train_gpt2 import ConfigError, Hyperparameters
 
 
 def test_defaults_are_the_record_recipe():
@@ -54,14 +55,14 @@ def test_booleans_and_auto_are_typed():
 
 def test_the_record_lists_flags_that_parse_back_to_the_same_run():
     args = parse_args(["--muon_lr=0.05", "--compile=false", "--device_batch_size=16"])
-    flags = args.as_flags()
+    flags = as_flags(args)
     assert flags[:2] == [
         "--input_bin=data/fineweb10B/fineweb_train_*.bin",
         "--input_val_bin=data/fineweb10B/fineweb_val_*.bin",
     ]
     assert "--compile=false" in flags and "--device_batch_size=16" in flags
     assert parse_args(flags) == args
-    assert "--device_batch_size=auto" in parse_args([]).as_flags()
+    assert "--device_batch_size=auto" in as_flags(parse_args([]))
 
 
 @pytest.mark.parametrize(

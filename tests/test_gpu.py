@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, read_record
+from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, parse_args, read_record
 
 import train_gpt2
 from train_gpt2 import (
@@ -19,10 +19,9 @@ from train_gpt2 import (
     CastedLinear,
     build_optimizers,
     cast_model,
-    choose_device_batch_size,
     newton_schulz_orthogonalize,
-    parse_args,
 )
+from harness import choose_device_batch_size
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -16,7 +16,7 @@ from datetime import date
 import gpu_report
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, losses, read_record
+from conftest import ROOT, TINY_FLAGS, losses, parse_args, read_record
 from gpu_report import Variant
 
 import train_gpt2
@@ -75,7 +75,7 @@ def test_dry_run_report_has_a_numeric_breakdown_that_adds_up(dry_run):
     assert result["micro_step_min_ms"] <= result["micro_step_ms"] <= result["micro_step_max_ms"]
     fwd_bwd = result["parts_ms"]["forward+backward"]
     assert result["outside_pct"] == pytest.approx(100 * (1 - fwd_bwd / result["step_ms"]))
-    flops = gpu_report.gpu_benchmark.model_flops_per_token(train_gpt2.parse_args(TINY_FLAGS))[0]
+    flops = gpu_report.gpu_benchmark.model_flops_per_token(parse_args(TINY_FLAGS))[0]
     assert result["flops_per_token"] == flops
     assert result["mfu_micro_step"] == pytest.approx(
         flops * 4 * 32 / (result["micro_step_ms"] / 1000) / 989e12
@@ -112,7 +112,7 @@ def test_dry_run_report_has_a_numeric_ab_row_per_item(dry_run):
 
 
 def harness(tmp_path, shards, name="steps"):
-    args = train_gpt2.parse_args(TINY_FLAGS + shards + ["--compile=false"] + gpu_report.HARNESS_FLAGS)
+    args = parse_args(TINY_FLAGS + shards + ["--compile=false"] + gpu_report.HARNESS_FLAGS)
     return gpu_report.Harness(args, torch.device("cpu"), str(tmp_path / f"{name}.txt"))
 
 

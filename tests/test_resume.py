@@ -11,10 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, losses, read_record
+from conftest import ROOT, TINY_FLAGS, losses, parse_args, read_record
 
+import harness
 import train_gpt2
-from train_gpt2 import GPT, CheckpointError, choose_device_batch_size, load_checkpoint, parse_args
+from harness import CheckpointError, choose_device_batch_size, load_checkpoint
+from train_gpt2 import GPT
 
 STEPS = ["--num_iterations=20", "--warmdown_iters=8", "--val_loss_every=5", "--save_every_minutes=0"]
 
@@ -163,7 +165,7 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
         )[0]
         == 24
     )
-    with pytest.raises(train_gpt2.ConfigError, match="not even one sequence"):
+    with pytest.raises(harness.ConfigError, match="not even one sequence"):
         choose_device_batch_size(model, args, 1, torch.device("cpu"), fits=lambda size: False)
 
 
@@ -277,11 +279,14 @@ def test_sigterm_checkpoints_then_resume_matches(shards, tmp_path, capsys):
 
 def test_learning_rates_given_on_resume_take_effect(uninterrupted):
     _, checkpoint = uninterrupted
-    args, saved = train_gpt2.resolve_args([f"--resume={checkpoint}", "--embed_lr=0.1", "--adam_beta2=0.99"])
+    args, saved = harness.resolve_args(
+        train_gpt2.Hyperparameters, [f"--resume={checkpoint}", "--embed_lr=0.1", "--adam_beta2=0.99"]
+    )
     args.compile = False
-    (_, _, adam, muon, _, _), step, _, _ = train_gpt2.build_run(args, 0, 1, torch.device("cpu"), saved)
-    assert step == 10 and adam.state  # the optimizer state came from the checkpoint...
-    assert adam.param_groups[0]["initial_lr"] == 0.1 and adam.param_groups[0]["betas"] == (
+    run, _ = train_gpt2.build_run(args, 0, 1, torch.device("cpu"), saved)
+    adam, muon = run.adam, run.muon
+    assert run.start_step == 10 and adam.state  # the optimizer state came from the checkpoint...
+    assert adam.param_groups[0]["lr"] == 0.1 and adam.param_groups[0]["betas"] == (
         0.9,
         0.99,
     )  # ...not its lrs

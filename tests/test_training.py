@@ -30,8 +30,10 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert val[-1] < 0.7 * val[0]  # the chain is 90% predictable: the loss must fall far
 
     source, environment, steps = record.split("=" * 100 + "\n")
-    with open(os.path.join(ROOT, "train_gpt2.py")) as f:
-        assert source == f.read()
+    recipe, harness_source = source.split("-" * 40 + "\n# harness.py\n" + "-" * 40 + "\n")
+    for name, text in (("train_gpt2.py", recipe), ("harness.py", harness_source)):
+        with open(os.path.join(ROOT, name)) as f:
+            assert text == f.read()  # every line that ran
     assert environment.startswith("Running Python 3.") and "Running PyTorch 2." in environment
     assert "CPU: " in environment and "Hyperparameters:\n--input_bin=" in environment
     assert "--num_iterations=50\n" in environment and "--compile=false\n" in environment
@@ -143,3 +145,36 @@ def _record_or_empty(records_dir):
         return read_record(records_dir)
     except AssertionError:
         return ""
+
+
+def test_the_record_embeds_every_project_module_the_trainer_imported(shards, tmp_path):
+    """Run as torchrun runs it, then list the project's modules in sys.modules: each one's source is in the record."""
+    script = tmp_path / "list_modules.py"
+    script.write_text(
+        f"""import os, runpy, sys
+sys.argv = ["train_gpt2.py", *sys.argv[1:]]
+sys.path.insert(0, {ROOT!r})
+try:
+    runpy.run_path(os.path.join({ROOT!r}, "train_gpt2.py"), run_name="__main__")
+finally:
+    root = {ROOT!r} + os.sep
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None) or ""
+        path = os.path.realpath(path) if os.path.isabs(path) else ""
+        if path.startswith(root) and not path.startswith(root + ".venv"):
+            print("module:", os.path.relpath(path, root))
+"""
+    )
+    run = subprocess.run(
+        [sys.executable, str(script), *TINY_FLAGS, *shards, "--num_iterations=2", "--warmdown_iters=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    imported = {line.split(" ", 1)[1] for line in run.stdout.splitlines() if line.startswith("module: ")}
+    assert {"train_gpt2.py", "harness.py"} <= imported
+    source = read_record(shards[2].split("=", 1)[1]).split("=" * 100 + "\n")[0]
+    for name in imported:
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        assert text in source and (name == "train_gpt2.py" or f"\n# {name}\n" in source)
