@@ -3,22 +3,26 @@
 
     python records/compare.py A B [--target 3.28] [--pool] [--json | --markdown] [--plot out.png]
     python records/compare.py BASE V1 V2 ...      one row per variant against the base
+    python records/compare.py RUN [--follow 30]   one side: its own report, also while it is written
 
-Each side is a run log or a folder of run logs (several seeds of one configuration). Two
-layouts are read: the public speedrun's (a line of 100 '=', the script's source, '=', the
-environment with nvidia-smi, '=', the step lines, 'peak memory consumption: N MiB') and ours
-(no first '=' line, a 'Hyperparameters:' block of --name=value lines in the environment, a
-last 'summary:' line). Problems with a log are warnings on stderr naming the file; a file
-that is no run log at all is refused.
+Each side is a run log or a folder of run logs (several seeds of one configuration). Both
+layouts are read: the public speedrun's (a line of 100 '=', the source, '=', the environment,
+'=', the steps) and ours (the source, '=', the environment with a 'Hyperparameters:' block, '=',
+the steps, a last 'summary:' line). A source may hold several files, each after a header of a
+40-'-' line, '# <name>' and a 40-'-' line. Further '=' sections before the steps and anything
+after the last step line are metadata. A resumed run's parts are joined into one run. Problems
+with a run are warnings on stderr naming the file; a file that is no run log at all is refused.
 """
 
 import difflib
+import glob
 import itertools
 import json
 import math
 import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -26,9 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.flags import FlagParser  # noqa: E402  one-line errors, no abbreviations, as every tool of the project
 
 DIVIDER = "=" * 100
+FILE_RULE = "-" * 40  # a '# <name>' line between two of these starts a further source file
+MAIN_FILE = "train_gpt2.py"  # the name of a record's first source file
 KNOWN = ("summary:", "peak memory", "resumed_from:", "stopped:", "checkpoint:")  # recognised non-step lines
+RESUMED = re.compile(r"resumed_from: (.+) at step (\d+) \(parent record (.+)\)\s*$")
 LOG_SUFFIXES = (".txt", ".log")
-# Per-run bookkeeping flags: runs that differ only in these are one configuration.
+# Flags that do not change the math of a run: runs that differ only in these are one configuration.
 RUN_FLAGS = {
     "seed",
     "run_name",
@@ -40,11 +47,15 @@ RUN_FLAGS = {
     "resume",
     "memory_limit_gb",
     "progress_seconds",
+    "device",
+    "device_batch_size",
+    "compile",
 }
 # A GPU row of the nvidia-smi table: "|   0  NVIDIA H100 80GB HBM3   On  |   00000000:19:00.0 Off |".
 GPU_ROW = re.compile(r"^\|\s+\d+\s+(.+?)\s+(?:On|Off)\s+\|\s+[0-9A-Fa-f]+:[0-9A-Fa-f]+:")
 ALPHA = 0.01  # the speedrun's significance level for a record claim
 ZOOM_ABOVE_TARGET = 0.12  # the zoomed plot panels show val loss up to target + this (3.4 for 3.28)
+MARKDOWN_DIFF_LINES = 40  # --markdown shows changed hunks up to this many lines, a diff stat for the rest
 NAN = math.nan
 
 
@@ -70,14 +81,25 @@ def finite(x):
 @dataclass(eq=False)  # a run is itself: `run in runs` compares identity, not every field
 class Run:
     path: str
-    source: list = field(default_factory=list)
+    source: list = field(default_factory=list)  # every source line, file headers included
+    files: dict = field(default_factory=dict)  # {file name: its lines}, in record order
+    source_closed: bool = False  # a '=' line follows the source: it was written whole
     hparams: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # the lines after 'Notes:'
+    metadata: list = field(default_factory=list)  # further sections before the steps, lines after them
     env: dict = field(default_factory=dict)  # python, pytorch, cuda, gpu, gpus, cpu, world_size, device
+    summary: dict = field(default_factory=dict)  # the key:value tokens of the summary: line
     val: list = field(default_factory=list)  # (step, loss, train_time_ms), sorted by step
     train: list = field(default_factory=list)
+    times: list = field(default_factory=list)  # (step, train_time_ms, step_avg) of every step line
+    untimed: int = 10  # first steps of this part left out of train_time
+    resumed: tuple = None  # (parent record path, step) of a resumed part
+    parts: list = field(default_factory=list)  # the paths of a resumed run's parts, the first run first
+    cut_off: bool = False
     last_step: int = -1
     total_steps: int = 0  # N of step:s/N
     train_time_ms: float = NAN
+    estimated_ms: float = 0.0  # untimed steps of resumed parts, counted at that part's ms/step
     ms_per_step: float = NAN
     last_val: float = NAN
     complete: bool = False  # has a val line at step N, and the log is not cut off
@@ -112,6 +134,10 @@ class Run:
             + ([f"CUDA {cuda}"] if cuda.lower() != "none" else [])
         )  # a CPU build says None
 
+    def note(self, key):
+        """The text of the note 'key: text', or None."""
+        return next((n.split(":", 1)[1].strip() for n in self.notes if n.startswith(key + ":")), None)
+
 
 def parse_environment(lines):
     env, gpus = {}, []
@@ -129,22 +155,67 @@ def parse_environment(lines):
     return env
 
 
+def split_files(source):
+    """{file name: lines}: the first file is MAIN_FILE; later ones follow their header."""
+    starts = [
+        i
+        for i in range(len(source) - 2)
+        if source[i].rstrip() == FILE_RULE == source[i + 2].rstrip() and source[i + 1].startswith("# ")
+    ]
+    bounds = [(MAIN_FILE, 0)] + [(source[i + 1][2:].strip(), i + 3) for i in starts]
+    ends = starts + [len(source)]
+    return {name: source[begin:end] for (name, begin), end in zip(bounds, ends)}
+
+
 def split_layout(path, lines):
-    """(source, environment, step section) of either layout: the last two '=' lines enclose the environment."""
-    cuts = [i for i, line in enumerate(lines) if line.rstrip() == DIVIDER]
-    if cuts and cuts[0] == 0:  # the public layout opens with a '=' line before the source
-        lines, cuts = lines[1:], [c - 1 for c in cuts[1:]]
+    """(source, environment, metadata, steps, source_closed) of either layout. The source ends at the first
+    '=' line after it; the next section is the environment; later '=' sections and the lines before the
+    first step line are metadata."""
+    first_step = next((i for i, line in enumerate(lines) if line.startswith("step:")), len(lines))
+    cuts = [i for i, line in enumerate(lines[:first_step]) if line.rstrip() == DIVIDER]
+    begin = 1 if cuts and cuts[0] == 0 else 0  # the public layout opens with a '=' line before the source
+    cuts = cuts[begin:]
     if not cuts:
+        if begin or first_step:
+            return lines[begin:first_step], [], [], lines[first_step:], False
         warn(path, "no line of 100 '=': no script source or environment in this log")
-        return [], [], lines
-    if len(cuts) == 1:
+        return [], [], [], lines, False
+    if len(cuts) == 1 and first_step < len(lines):
         warn(path, "only one line of 100 '=': environment not separated from the steps")
-        return lines[: cuts[0]], [], lines[cuts[0] + 1 :]
-    return lines[: cuts[-2]], lines[cuts[-2] + 1 : cuts[-1]], lines[cuts[-1] + 1 :]
+    env_end = cuts[1] if len(cuts) > 1 else first_step
+    meta = [line for line in lines[env_end + 1 : first_step] if line.rstrip() != DIVIDER]
+    return lines[begin : cuts[0]], lines[cuts[0] + 1 : env_end], meta, lines[first_step:], True
+
+
+def parse_step(line):
+    """(kind, step, total, loss, train_time, step_avg) of a step line; kind: val, train or time (no loss)."""
+    f = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
+    s, n = (int(x) for x in f["step"].split("/"))
+    kind = "val" if "val_loss" in f else "train" if "train_loss" in f else "time"
+    if kind == "time" and "train_time" not in f:
+        raise ValueError(line)
+    loss = num(f.get(f"{kind}_loss", "nan"))
+    return kind, s, n, loss, num(f.get("train_time", "nan")), num(f.get("step_avg", "nan"))
+
+
+def parse_summary(line):
+    """The key:value tokens of a summary: line; device: takes the rest of the line (names have spaces)."""
+    head, _, device = line.removeprefix("summary:").partition(" device:")
+    out = dict(tok.split(":", 1) for tok in head.split() if ":" in tok)
+    if device:
+        out["device"] = device.strip()
+    return out
 
 
 def parse_log(path, target):
     """Parse one run log into a Run; warn (naming the file) about anything odd in it."""
+    run = read_log(path)
+    derive(run, target)
+    return run
+
+
+def read_log(path):
+    """A Run with what the log says, before the numbers that follow from it (derive)."""
     with open(path, "rb") as f:
         raw = f.read()
     if b"\0" in raw[:65536]:
@@ -152,17 +223,14 @@ def parse_log(path, target):
     lines = raw.decode("utf-8", errors="replace").splitlines()  # also handles \r\n
     if not any(line.rstrip() == DIVIDER or line.startswith("step:") for line in lines):
         raise NotARunLog(f"{path} is not a run log (no line of 100 '=' and no 'step:' lines)")
-    # A run killed mid-write leaves a last line without its newline: its number may be cut short.
-    cut_off = not raw.endswith(b"\n") and not any(line.startswith("summary:") for line in lines)
-    if cut_off:
-        warn(
-            path,
-            f"the log ends mid-line ({lines[-1][-40:]!r}, no newline, no summary: line): the run was cut "
-            "off while writing; that line is ignored and the run counts as incomplete",
-        )
-        lines = lines[:-1]
     run = Run(path)
-    run.source, env, steps = split_layout(path, lines)
+    # A run killed mid-write (or still writing) leaves a last line without its newline: it is not read.
+    finished = any(line.startswith(("summary:", "peak memory")) for line in lines)
+    run.cut_off = not raw.endswith(b"\n") and not finished and bool(lines)
+    if run.cut_off:
+        lines = lines[:-1]
+    run.source, env, run.metadata, steps, run.source_closed = split_layout(path, lines)
+    run.files = split_files(run.source) if run.source else {}
     run.env = parse_environment(env)
     flags = env[env.index("Hyperparameters:") + 1 :] if "Hyperparameters:" in env else []
     # The block ends at the first other line: notes below it may start with -- too.
@@ -171,61 +239,128 @@ def parse_log(path, target):
         for line in itertools.takewhile(lambda x: x.startswith("--"), flags)
         if "=" in line
     )
+    run.notes = env[env.index("Notes:") + 1 :] if "Notes:" in env else []
+    untimed = run.hparams.get("untimed_steps", "10")
+    run.untimed = int(untimed) if untimed.isdigit() else 10  # the speedrun leaves the first 10 steps untimed
+    if m := next(filter(None, map(RESUMED.match, run.notes)), None):
+        run.resumed = (m[3].strip(), int(m[2]))
 
-    last, bad, unknown, stopped = None, [], [], ""
-    for line in steps:
+    last_step_line = max((i for i, line in enumerate(steps) if line.startswith("step:")), default=-1)
+    points, bad, unknown, repeated = {"val": {}, "train": {}, "time": {}}, [], [], []
+    for i, line in enumerate(steps):
         if line.startswith("step:"):
-            f = dict(tok.split(":", 1) for tok in line.split() if ":" in tok)
-            key = "val_loss" if "val_loss" in f else "train_loss"
             try:
-                s, n = (int(x) for x in f["step"].split("/"))
-                point = (s, num(f[key]), num(f.get("train_time", "nan")), num(f.get("step_avg", "nan")))
+                kind, s, n, loss, t, avg = parse_step(line)
             except (KeyError, ValueError):
                 bad.append(line)
                 continue
-            (run.val if key == "val_loss" else run.train).append(point[:3])
-            last = point, n
+            if s in points[kind]:
+                repeated.append(s)
+            points[kind][s] = (s, loss, t)
+            run.times.append((s, t, avg))
+            run.total_steps = n
         elif line.startswith("summary:"):
-            if m := re.search(r"world_size:(\d+)", line):
-                run.env["world_size"] = int(m[1])
-            if m := re.search(r"device:(.+)$", line):
-                run.env["device"] = m[1].strip()
+            run.summary = parse_summary(line)
         elif line.startswith("stopped:"):
-            stopped = f" ({line.strip()})"
-        elif line.strip() and not line.startswith(KNOWN):
+            run.summary["stopped"] = line[8:].strip()
+        elif i > last_step_line or line.startswith(KNOWN):
+            if not line.startswith(KNOWN):
+                run.metadata.append(line)  # after the steps: parameter listings and the like
+        elif line.strip():
             unknown.append(line)
+    run.val, run.train = (sorted(points[k].values()) for k in ("val", "train"))
+    if "world_size" in run.summary and run.summary["world_size"].isdigit():
+        run.env["world_size"] = int(run.summary["world_size"])
+    if run.summary.get("device"):
+        run.env["device"] = run.summary["device"]
 
+    if run.cut_off:
+        warn(
+            path,
+            "the log ends mid-line (no newline, no summary: line): cut off while writing; read to its last "
+            "whole line",
+        )
     if bad:
         warn(path, f"{len(bad)} malformed step line(s) ignored, first: {bad[0][:70]!r}")
     if unknown:
         warn(path, f"{len(unknown)} unrecognised line(s) ignored, first: {unknown[0][:70]!r}")
+    if repeated:
+        warn(
+            path,
+            f"{len(repeated)} step line(s) repeat earlier steps (first: step {min(repeated)}; resumed lines "
+            "appended to their parent's log?); the later ones are used",
+        )
     nonfinite = sorted(p[0] for p in run.val + run.train if not math.isfinite(p[1]))
     if nonfinite:
         warn(path, f"NaN/inf loss at step {nonfinite[0]} ({len(nonfinite)} line(s))")
-    if last is None:
+    if not run.times:
         warn(path, "no step lines: the run logged nothing")
-        return run
-    if not run.val:
+    elif not run.val:
         warn(path, "train-loss lines only: no val_loss lines")
-    (s, _, t, avg), run.total_steps = last
-    run.last_step, run.train_time_ms = s, t
-    untimed = run.hparams.get("untimed_steps", "10")
-    untimed = int(untimed) if untimed.isdigit() else 10  # the speedrun leaves the first 10 steps untimed
-    run.ms_per_step = avg if math.isfinite(avg) else (t / (s - untimed) if s > untimed else NAN)
-    run.val.sort(key=lambda p: p[0])
-    run.train.sort(key=lambda p: p[0])
+    return run
+
+
+def part_ms_per_step(part, start):
+    """ms/step of a resumed part's own timed steps (NaN if it timed none); start: the step it resumed at."""
+    timed = part.times[-1][0] - start - part.untimed
+    restored = [
+        t for s, t, _ in part.times if s <= start + part.untimed
+    ]  # untimed lines keep the restored clock
+    if timed <= 0 or not restored:
+        return NAN
+    return (part.times[-1][1] - restored[0]) / timed
+
+
+def derive(run, target, parts=None):
+    """The run's numbers from its step lines; parts: the Runs of a resumed run, the first run first.
+    Train time by the rule: the trainer's clock goes on from the checkpoint, and every resumed part leaves its
+    first untimed_steps out of it; those of them that a run without the resume would have timed count at that
+    part's ms/step (estimated_ms)."""
+    parts = parts or [run]
+    run.parts = [p.path for p in parts]
+    val, train, offset, avg = {}, {}, 0.0, NAN
+    for k, part in enumerate(parts):
+        start = part.resumed[1] if part.resumed else 0
+        own = part_ms_per_step(part, start) if part.resumed else NAN
+        if part.resumed and part.times:
+            fallback = avg if finite(avg) else part.times[-1][2]  # the earlier parts', or the clock's average
+            rate = own if finite(own) else fallback if finite(fallback) and fallback > 0 else 0.0
+            # the steps this part left untimed that a run without the resume would have timed
+            offset += (
+                max(0, min(start + part.untimed, part.times[-1][0]) - max(start, parts[0].untimed)) * rate
+            )
+        if part.times:
+            avg = own if part.resumed else part.times[-1][2]
+        end = parts[k + 1].resumed[1] if k + 1 < len(parts) else math.inf
+        for points, into in ((part.val, val), (part.train, train)):
+            for s, loss, t in points:
+                if (s > start or s not in into) and s <= end:
+                    into[s] = (s, loss, t + offset)
+    run.val, run.train, run.estimated_ms = sorted(val.values()), sorted(train.values()), offset
+    leaf = parts[-1]
+    if not leaf.times:
+        return run
+    s, t, avg = leaf.times[-1]  # the last whole step line
+    run.last_step, run.train_time_ms, run.total_steps = s, t + offset, leaf.total_steps
+    timed = s - parts[0].untimed
+    if len(parts) > 1 or run.resumed:
+        run.ms_per_step = run.train_time_ms / timed if timed > 0 and run.train_time_ms > 0 else NAN
+    else:
+        run.ms_per_step = avg if finite(avg) and avg > 0 else (t / timed if timed > 0 and t > 0 else NAN)
     if run.val:
         run.last_val = run.val[-1][1]
-        run.complete = run.val[-1][0] >= run.total_steps and not cut_off
-    if not run.complete and not cut_off:
+        run.complete = run.val[-1][0] >= run.total_steps and not leaf.cut_off
+    if not run.complete and not leaf.cut_off:
         early = f"ended early at step {s} of {run.total_steps}: " if s < run.total_steps else ""
-        warn(path, f"{early}no val loss at the final step {run.total_steps}{stopped}")
+        stopped = f" (stopped: {leaf.summary['stopped']})" if "stopped" in leaf.summary else ""
+        running = "" if leaf.summary else " (no summary: line: still running, or killed)"
+        warn(run.path, f"{early}no val loss at the final step {run.total_steps}{stopped}{running}")
     run.target_step, run.target_time_ms = crossing(run.val, target)
     return run
 
 
 def crossing(val, target):
-    """(step, train time) where the val curve first reaches target, linear between the two val points around it."""
+    """(step, train time) where the val curve first reaches target, linear between val points around it."""
     before = None
     for point in val:
         if point[1] <= target:
@@ -237,26 +372,66 @@ def crossing(val, target):
     return None, None
 
 
-def load_side(path, target):
-    """A log file, or a folder of logs (*.txt, *.log; other files such as README.md are skipped)."""
+def read_side(path):
+    """The Runs (not yet derived) of a log file or a folder of logs (*.txt, *.log; other files skipped)."""
     if os.path.isfile(path):
         try:
-            return [parse_log(path, target)]
+            return [read_log(path)]
         except NotARunLog as e:
-            raise SystemExit(f"compare.py: {e}")
+            raise SystemExit(f"compare.py: {e}") from None
     if not os.path.isdir(path):
         raise SystemExit(f"compare.py: {path}: no such file or folder")
     runs = []
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name.endswith(LOG_SUFFIXES) and os.path.isfile(full):
+    for full in sorted(glob.glob(os.path.join(glob.escape(path), "*"))):
+        if full.endswith(LOG_SUFFIXES) and os.path.isfile(full):
             try:
-                runs.append(parse_log(full, target))
+                runs.append(read_log(full))
             except NotARunLog as e:
                 warn(full, f"skipped: {e}")
     if not runs:
         raise SystemExit(f"compare.py: {path}: no run logs (*.txt, *.log) in this folder")
     return runs
+
+
+def find_parent(run, runs):
+    """The parent record of a resumed part: a run of this side with its path or file name, else the file."""
+    parent = run.resumed[0]
+    for other in runs:
+        if other is not run and os.path.realpath(other.path) == os.path.realpath(parent):
+            return other
+    for other in runs:
+        if other is not run and os.path.basename(other.path) == os.path.basename(parent):
+            return other
+    root = os.path.dirname(
+        os.path.dirname(os.path.abspath(run.path))
+    )  # another day's folder, same records root
+    for candidate in (parent, os.path.join(root, *parent.replace("\\", "/").split("/")[-2:])):
+        if os.path.isfile(candidate) and os.path.realpath(candidate) != os.path.realpath(run.path):
+            try:
+                return read_log(candidate)
+            except NotARunLog:
+                pass
+    return None
+
+
+def load_side(path, target):
+    """The runs of one side, a resumed run's parts joined into one run."""
+    runs = read_side(path)
+    chains, absorbed = {}, set()
+    for run in runs:
+        chain, seen = [run], {id(run)}
+        while chain[0].resumed and (parent := find_parent(chain[0], runs)) and id(parent) not in seen:
+            chain.insert(0, parent)
+            seen.add(id(parent))
+        if chain[0].resumed:
+            warn(
+                run.path,
+                f"resumed at step {chain[0].resumed[1]} from {chain[0].resumed[0]}, a record not found "
+                "(give it on this side): its train time counts from the checkpoint's clock",
+            )
+        chains[id(run)] = chain
+        absorbed.update(id(p) for p in chain[:-1])
+    return [derive(r, target, chains[id(r)]) for r in runs if id(r) not in absorbed]
 
 
 def differences(run, other):
@@ -312,6 +487,18 @@ def describe(xs):
         "std": xs.std(ddof=1) if xs.size > 1 else None,
         "n": int(xs.size),
     }
+
+
+def censored_median(xs):
+    """Time (or step) to target over runs where some never reached it: the median with those runs at +inf, so
+    that runs which missed do not pull it low; None when half or more never reached it."""
+    import numpy as np
+
+    reached = sorted(x for x in xs if finite(x))
+    if not xs:
+        return {"median": None, "reached": 0, "n": 0}
+    median = float(np.median(reached + [math.inf] * (len(xs) - len(reached))))
+    return {"median": median if finite(median) else None, "reached": len(reached), "n": len(xs)}
 
 
 def p_below(vals, target):
@@ -416,6 +603,10 @@ def side_report(path, runs, target, pool):
                 "ms_per_step": r.ms_per_step,
                 "target_step": r.target_step,
                 "target_time_ms": r.target_time_ms,
+                "parts": r.parts,
+                "estimated_ms": r.estimated_ms,
+                "startup_s": num(r.summary.get("startup_s", "nan")),
+                "compiled_graphs": r.summary.get("compiled_graphs"),
             }
             for r in runs
         ],
@@ -423,13 +614,27 @@ def side_report(path, runs, target, pool):
             "val_loss": describe(vals),
             "train_time_ms": describe([r.train_time_ms for r in done]),
             "ms_per_step": describe([r.ms_per_step for r in used]),
-            "target_step": describe([r.target_step for r in used]),
-            "target_time_ms": describe([r.target_time_ms for r in used]),
+            "target_step": censored_median([r.target_step for r in used]),
+            "target_time_ms": censored_median([r.target_time_ms for r in used]),
         },
         "below_target_test": test,
         "planner": plan,
         "earliest_significant_step": earliest_significant_step(done, target),
     }, used
+
+
+def file_diffs(files_a, files_b):
+    """{file name: unified diff lines} of every embedded source file that differs, A's files first."""
+    names = list(files_a) + [n for n in files_b if n not in files_a]
+    diffs = {
+        name: list(
+            difflib.unified_diff(
+                files_a.get(name, []), files_b.get(name, []), f"a/{name}", f"b/{name}", lineterm=""
+            )
+        )
+        for name in names
+    }
+    return {name: lines for name, lines in diffs.items() if lines}
 
 
 def compare_sides(ra, used_a, rb, used_b):
@@ -439,7 +644,8 @@ def compare_sides(ra, used_a, rb, used_b):
     a0, b0 = (
         next((r for r in used if r.complete), used[0]) for used in (used_a, used_b)
     )  # first finished run
-    diff = "\n".join(difflib.unified_diff(a0.source, b0.source, a0.path, b0.path, lineterm=""))
+    diffs = file_diffs(a0.files, b0.files)
+    diff = "\n".join(line for lines in diffs.values() for line in lines)
     ha, hb = a0.hparams, b0.hparams
     hdiff = {k: [ha.get(k), hb.get(k)] for k in {**ha, **hb} if k not in RUN_FLAGS and ha.get(k) != hb.get(k)}
     sa, sb = ra["stats"], rb["stats"]
@@ -459,11 +665,14 @@ def compare_sides(ra, used_a, rb, used_b):
         welch.update(t=float(res.statistic), p=float(res.pvalue))
     ta, tb = sa["train_time_ms"]["mean"], sb["train_time_ms"]["mean"]
     setups_a, setups_b = (
-        {r.machine and (r.machine, r.env.get("pytorch")) for r in used} for used in (used_a, used_b)
+        {r.machine and r.env.get("pytorch") and (r.machine, r.env["pytorch"]) for r in used}
+        for used in (used_a, used_b)
     )
     known = None not in setups_a | setups_b
     return {
         "code_diff": diff,
+        "changed_files": list(diffs),
+        "file_diffs": diffs,
         "hyperparameter_diff": hdiff,
         "train_time_ratio": ratio("train_time_ms"),
         "ms_per_step_ratio": ratio("ms_per_step"),
@@ -477,7 +686,9 @@ def build_report(sides, target, pool=False):
     """sides: [(path, runs)], the baseline first; every later side is compared with it.
     Returns the report (plain data) and, per side, the runs its statistics use."""
     reps, used = zip(*(side_report(path, runs, target, pool) for path, runs in sides))
-    names = ["A", "B"] if len(sides) == 2 else ["base"] + [f"V{i}" for i in range(1, len(sides))]
+    names = (
+        ["A", "B"][: len(sides)] if len(sides) <= 2 else ["base"] + [f"V{i}" for i in range(1, len(sides))]
+    )
     for name, rep in zip(names, reps):
         rep["name"] = name
     return {
@@ -492,7 +703,7 @@ def fmt(x, spec=".4f", scale=1.0, unit=""):
 
 
 def table(rows, md, left=2):
-    """Aligned text columns (the first `left` left-aligned, the numbers right-aligned), or a Markdown table."""
+    """Aligned text columns (the first `left` left-aligned, numbers right-aligned), or a Markdown table."""
     if md:
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join(
@@ -534,24 +745,156 @@ def environment_lines(rep):
                 f"timings are not comparable: {rep['sides'][0]['name']} and {side['name']} ran on different "
                 "GPUs or PyTorch versions (above); time both on one machine (records/ab.py)"
             )
+    unknown = [s["name"] for s in rep["sides"] if any("unknown" in e["setup"] for e in s["environment"])]
+    if unknown and rep["comparisons"]:
+        lines.append(
+            f"timings' comparability is unknown: {' and '.join(unknown)} do{'es' * (len(unknown) == 1)} not "
+            "say the GPU or the PyTorch build"
+        )
     return lines
 
 
+def short_diff(diffs, limit=MARKDOWN_DIFF_LINES):
+    """For a README: whole hunks up to `limit` lines, a diff stat of the rest, the full diff collapsed."""
+    shown, rest, used = [], {}, 0
+    for name, lines in diffs.items():
+        hunks, header = [], lines[:2]
+        for line in lines[2:]:
+            if line.startswith("@@"):
+                hunks.append([])
+            hunks[-1].append(line)
+        for hunk in hunks:
+            if used + len(hunk) <= limit:
+                shown += header + hunk
+                header, used = [], used + len(hunk)
+            else:
+                stat = rest.setdefault(name, [0, 0, 0])
+                stat[0] += 1
+                stat[1] += sum(x.startswith("+") for x in hunk)
+                stat[2] += sum(x.startswith("-") for x in hunk)
+    full = [line for lines in diffs.values() for line in lines]
+    out = ["```diff", *shown, "```"] if shown else []
+    if rest:
+        out += ["", "Not shown above:", ""] + [
+            f"- `{name}`: {h} hunk{'s' * (h > 1)}, +{add} -{rem}" for name, (h, add, rem) in rest.items()
+        ]
+    out += [
+        "",
+        f"<details><summary>full diff ({len(full)} lines)</summary>",
+        "",
+        "```diff",
+        *full,
+        "```",
+        "",
+        "</details>",
+    ]
+    return "\n".join(out)
+
+
+def run_rows(sides, tgt):
+    """One row per run; `*` marks a train time holding estimated untimed steps of resumed parts."""
+    several = any(len(s["configurations"]) > 1 for s in sides)
+    startup = any(finite(r["startup_s"]) for s in sides for r in s["runs"])
+    rows = [
+        ["side", "run", "steps", "val_loss", "train_time", "ms/step", f"step@{tgt}", f"time@{tgt}"]
+        + ["startup"] * startup
+        + ["configuration"] * several
+    ]
+    for side in sides:
+        for r in side["runs"]:
+            steps = f"{r['steps']}/{r['total_steps']}" + ("" if r["complete"] else " early")
+            parts = (
+                f" +{len(r['parts']) - 1} part{'s' * (len(r['parts']) > 2)}" if len(r["parts"]) > 1 else ""
+            )
+            graphs = f" ({r['compiled_graphs']} graphs)" if r["compiled_graphs"] else ""
+            rows.append(
+                [
+                    side["name"],
+                    os.path.basename(r["file"])[:28] + parts,
+                    steps,
+                    fmt(r["val_loss"]),
+                    fmt(r["train_time_ms"], ".1f", 1e-3, "s") + "*" * (r["estimated_ms"] > 0),
+                    fmt(r["ms_per_step"], ".2f"),
+                    fmt(r["target_step"], ".1f"),
+                    fmt(r["target_time_ms"], ".1f", 1e-3, "s"),
+                ]
+                + [fmt(r["startup_s"], ".1f", 1, "s") + graphs] * startup
+                + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several
+            )
+    return rows
+
+
+def runs_section(sides, tgt, md):
+    title = "runs (step@ and time@ interpolated between val points)"
+    if any(r["estimated_ms"] > 0 for s in sides for r in s["runs"]):
+        title += "; * with the untimed steps of resumed parts at that part's ms/step (estimated)"
+    return section(title, table(run_rows(sides, tgt), md), md)
+
+
+def stats_rows(sides, tgt):
+    rows = [["", *(f"{s['name']}: {s['path']}" for s in sides)]]
+    for key, label, spec, scale, unit in [
+        ("val_loss", "final val loss", ".4f", 1, ""),
+        ("train_time_ms", "train time", ".1f", 1e-3, "s"),
+        ("ms_per_step", "ms/step", ".2f", 1, ""),
+    ]:
+        rows.append([label, *(mean_std(s["stats"][key], spec, scale, unit) for s in sides)])
+    for key, label, spec, scale, unit in [
+        ("target_step", f"step@{tgt}", ".1f", 1, ""),
+        ("target_time_ms", f"time@{tgt}", ".1f", 1e-3, "s"),
+    ]:
+        rows.append(
+            [
+                f"{label} median",
+                *(
+                    f"{fmt(st['median'], spec, scale, unit)} ({st['reached']} of {st['n']} reached)"
+                    for st in (s["stats"][key] for s in sides)
+                ),
+            ]
+        )
+    return rows
+
+
+def side_lines(s, tgt):
+    t, step = s["below_target_test"], s["earliest_significant_step"]
+    return [
+        f"{s['name']}: mean final val < {tgt}: t = {fmt(t['t'], '.3f')}, p = {fmt(t['p'], '.3g')}"
+        f" (one-sided) -> {t['verdict']}",
+        f"{s['name']}: planner: {s['planner']['note']}",
+        f"{s['name']}: below {tgt} with p < {ALPHA} "
+        + (f"from val step {step} on" if step is not None else "at no val step"),
+    ]
+
+
+STATS_TITLE = "sides: mean ± std (n); median to target, runs that never reached it as +inf"
+
+
 def render(rep, md=False):
-    """The full report of two sides; one row per variant for more."""
+    """The full report of two sides; one row per variant for more; one side's own report."""
     if len(rep["sides"]) > 2:
         return render_variants(rep, md)
     tgt, out = rep["target"], []
+    if len(rep["sides"]) == 1:
+        (a,) = rep["sides"]
+        return "\n\n".join(
+            [
+                section("environment", bullets(environment_lines(rep), md), md),
+                runs_section([a], tgt, md),
+                section(STATS_TITLE, table(stats_rows([a], tgt), md, left=1), md),
+                section("target", bullets(side_lines(a, tgt), md), md),
+            ]
+        )
     a, b = rep["sides"]
     c = rep["comparisons"][0]
     diff = c["code_diff"]
-    out.append(
-        section(
-            "code diff (first finished run of each side)",
-            (f"```diff\n{diff}\n```" if md else diff) if diff else "(script sources identical)",
-            md,
-        )
-    )
+    if not diff:
+        body = "(script sources identical)"
+    elif md:
+        body = short_diff(c["file_diffs"])
+    else:
+        body = diff
+    files = f": {', '.join(c['changed_files'])}" if diff else ""
+    out.append(section(f"code diff (first finished run of each side){files}", body, md))
     if c["hyperparameter_diff"]:
         out.append(
             section(
@@ -568,38 +911,8 @@ def render(rep, md=False):
             )
         )
     out.append(section("environment", bullets(environment_lines(rep), md), md))
-    several = any(len(s["configurations"]) > 1 for s in rep["sides"])
-    rows = [
-        ["side", "run", "steps", "val_loss", "train_time", "ms/step", f"step@{tgt}", f"time@{tgt}"]
-        + ["configuration"] * several
-    ]
-    for side in (a, b):
-        for r in side["runs"]:
-            steps = f"{r['steps']}/{r['total_steps']}" + ("" if r["complete"] else " early")
-            rows.append(
-                [
-                    side["name"],
-                    os.path.basename(r["file"])[:28],
-                    steps,
-                    fmt(r["val_loss"]),
-                    fmt(r["train_time_ms"], ".1f", 1e-3, "s"),
-                    fmt(r["ms_per_step"], ".2f"),
-                    fmt(r["target_step"], ".1f"),
-                    fmt(r["target_time_ms"], ".1f", 1e-3, "s"),
-                ]
-                + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several
-            )
-    out.append(section("runs (step@ and time@ interpolated between val points)", table(rows, md), md))
-    rows = [["", "A: " + a["path"], "B: " + b["path"]]]
-    for key, label, spec, scale, unit in [
-        ("val_loss", "final val loss", ".4f", 1, ""),
-        ("train_time_ms", "train time", ".1f", 1e-3, "s"),
-        ("ms_per_step", "ms/step", ".2f", 1, ""),
-        ("target_step", f"step@{tgt}", ".1f", 1, ""),
-        ("target_time_ms", f"time@{tgt}", ".1f", 1e-3, "s"),
-    ]:
-        rows.append([label, *(mean_std(s["stats"][key], spec, scale, unit) for s in (a, b))])
-    out.append(section("sides: mean ± std (n)", table(rows, md, left=1), md))
+    out.append(runs_section([a, b], tgt, md))
+    out.append(section(STATS_TITLE, table(stats_rows([a, b], tgt), md, left=1), md))
     w = c["welch_val_loss"]
     lines = [
         f"train time B/A: {fmt(c['train_time_ratio'])}   ms/step B/A: {fmt(c['ms_per_step_ratio'])}",
@@ -607,14 +920,7 @@ def render(rep, md=False):
         f"t = {fmt(w['t'], '.3f')}, p = {fmt(w['p'], '.3g')} (two-sided)",
     ]
     for s in (a, b):
-        t, step = s["below_target_test"], s["earliest_significant_step"]
-        lines += [
-            f"{s['name']}: mean final val < {tgt}: t = {fmt(t['t'], '.3f')}, p = {fmt(t['p'], '.3g')}"
-            f" (one-sided) -> {t['verdict']}",
-            f"{s['name']}: planner: {s['planner']['note']}",
-            f"{s['name']}: below {tgt} with p < {ALPHA} "
-            + (f"from val step {step} on" if step is not None else "at no val step"),
-        ]
+        lines += side_lines(s, tgt)
     out.append(section("comparison", bullets(lines, md), md))
     return "\n\n".join(out)
 
@@ -692,7 +998,7 @@ def check_plot_path(path):
 
 
 def plot(sides, target, out_path):
-    """Val loss against step and train time: per side the mean curve, with a min-max band; below, zoomed in."""
+    """Val loss against step and train time: per side the mean curve and a min-max band; below, zoomed in."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -703,6 +1009,18 @@ def plot(sides, target, out_path):
     zoom_top = target + ZOOM_ABOVE_TARGET
     lows, tops, zoom_from = [], [], [math.inf, math.inf]
     for i, (label, runs) in enumerate(sides):
+        if len(sides) == len(runs) == 1 and runs[0].train:  # one run watched: its train curve too
+            train = [(s, loss, t) for s, loss, t in runs[0].train if math.isfinite(loss)]
+            for col, ax in enumerate(axes[0]):
+                ax.plot(
+                    [p[col * 2] / (1000 if col else 1) for p in train],
+                    [p[1] for p in train],
+                    color="C1",
+                    lw=0.8,
+                    alpha=0.8,
+                    label="train loss",
+                )
+            tops.append(max((p[1] for p in train[len(train) // 10 :]), default=NAN))
         steps, times, mean, low, high = mean_curve([r for r in runs if r.complete] or runs)
         if not len(steps):
             continue
@@ -736,8 +1054,8 @@ def plot(sides, target, out_path):
         )  # the view spans < 1.5x: plain ticks read best
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_title(f"val loss vs {ax.get_xlabel()} (mean, band min-max)")
-        if lows:  # the end game: at most 50% above the lowest loss, the target in view if it is near
+        ax.set_title(f"loss vs {ax.get_xlabel()} (val: mean, band min-max)")
+        if lows and all(map(finite, tops)):  # the end game: at most 50% above the lowest loss
             lo = min(lows) if target < min(lows) / 1.2 else min(lows + [target])
             ax.set_ylim(lo * 0.99, min(max(tops), lo * 1.5) * 1.01)
     for col, ax in enumerate(axes[1]):
@@ -753,7 +1071,7 @@ def plot(sides, target, out_path):
     try:
         fig.savefig(out_path, dpi=110)
     except OSError as e:
-        raise SystemExit(f"compare.py: --plot {out_path}: {e.strerror or e}")
+        raise SystemExit(f"compare.py: --plot {out_path}: {e.strerror or e}") from None
     finally:
         plt.close(fig)
 
@@ -771,13 +1089,13 @@ def jsonable(x):
 def main(argv=None):
     ap = FlagParser(
         description="Compare speedrun records (log files or folders of logs): a baseline "
-        "and one candidate in full, or a baseline and several variants."
+        "and one candidate in full, a baseline and several variants, or one side's own report."
     )
     ap.add_argument(
         "sides",
         nargs="+",
         metavar="SIDE",
-        help="the baseline, then one or more candidates: each a run log or a folder of run logs",
+        help="the baseline, then candidates if any: each a run log or a folder of run logs",
     )
     ap.add_argument("--target", type=float, default=3.28, help="val loss target (default 3.28)")
     ap.add_argument(
@@ -791,15 +1109,30 @@ def main(argv=None):
     ap.add_argument(
         "--plot", metavar="OUT.png", help="draw val loss against step and train time (.png, .pdf, .svg)"
     )
+    ap.add_argument(
+        "--follow",
+        type=float,
+        metavar="SECONDS",
+        help="print the report (and redraw --plot) every this many seconds, for runs still writing; "
+        "Ctrl-C ends it",
+    )
     args = ap.parse_args(argv)
-    if len(args.sides) < 2:
-        raise SystemExit(
-            "compare.py: give a baseline and at least one candidate (two or more logs or folders)"
-        )
     if not math.isfinite(args.target) or args.target <= 0:
         raise SystemExit(f"compare.py: --target {args.target}: give a finite val loss above 0, such as 3.28")
+    if args.follow is not None and not (math.isfinite(args.follow) and args.follow > 0):
+        raise SystemExit(f"compare.py: --follow {args.follow}: give the seconds between reports, such as 30")
     if args.plot:
         check_plot_path(args.plot)
+    while True:
+        report = report_once(args)
+        if args.follow is None:
+            return report
+        sys.stdout.flush()
+        time.sleep(args.follow)
+        print(f"\n---- {time.strftime('%H:%M:%S')} ----\n")
+
+
+def report_once(args):
     sides = [(path, load_side(path, args.target)) for path in args.sides]
     report, used = build_report(sides, args.target, args.pool)
     report = jsonable(report)
@@ -815,4 +1148,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("compare.py: stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -82,9 +83,9 @@ def make_log(
     public=False,
     env=OUR_ENV,
 ):
-    """Write a run log: ours (source, '=', environment, '=', steps) or the public speedrun's (a '=' line first,
-    'Running pytorch', nvidia-smi). Train time counts only steps after step 10, so train_time at step s is
-    ms * max(0, s - 10), and step_avg is nan up to step 10."""
+    """Write a run log: ours (source, '=', environment, '=', steps) or the public speedrun's (a '=' line
+    first, 'Running pytorch', nvidia-smi). Train time counts only steps after step 10, so train_time at
+    step s is ms * max(0, s - 10), and step_avg is nan up to step 10."""
     if public:
         lines = [
             DIV,
@@ -166,7 +167,7 @@ def cli(*args):
 
 
 def assert_one_line_error(r, *words):
-    """How a user meets a refusal: exit status 1, nothing on stdout, one line on stderr naming what is wrong."""
+    """How a user meets a refusal: exit status 1, nothing on stdout, one line on stderr naming the problem."""
     assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("compare.py: ") and all(w in r.stderr for w in words), r.stderr
@@ -184,7 +185,7 @@ def test_numbers_match_independent_computation(sides, capsys):
         times = np.array([ms * (n - 10) for ms in mss])
         assert [r["train_time_ms"] for r in runs] == pytest.approx(times, abs=0.5)
         assert [r["ms_per_step"] for r in runs] == pytest.approx(mss, abs=0.01)
-        # time to target: linear between the last val point above 3.28 (step 75) and the first below (step 100)
+        # time to target: linear between the last val point above 3.28 (step 75) and the first below (100)
         for r, v, ms in zip(runs, finals, mss):
             above, below = round(curve(75, n, v), 4), round(curve(100, n, v), 4)
             frac = (above - target) / (above - below)
@@ -457,7 +458,7 @@ def test_malformed_logs_warn(tmp_path, capsys, case, kwargs, message):
 
 
 def test_log_cut_mid_number_is_not_a_complete_run(tmp_path):
-    """Issue 11, class 9: a run killed while writing its final val line (no newline, no summary:)."""
+    """A run killed while writing its final val line (no newline, no summary:)."""
     side = tmp_path / "side"
     make_side(
         side,
@@ -489,13 +490,13 @@ def test_log_cut_mid_number_is_not_a_complete_run(tmp_path):
 
 
 def test_target_must_be_a_finite_loss(sides):
-    """Issue 11, class 6: a target that no loss can be compared with is refused in one line."""
+    """A target that no loss can be compared with is refused in one line."""
     for bad in ("nan", "inf", "-1"):
         assert_one_line_error(cli(*sides, "--target", bad), "--target", bad)
 
 
 def test_unwritable_plot_is_refused_before_the_report(sides, tmp_path):
-    """Issue 11, class 6: --plot into a missing folder or with an unknown image type fails before any report."""
+    """--plot into a missing folder or with an unknown image type fails before any report."""
     assert_one_line_error(cli(*sides, "--plot", tmp_path / "missing" / "c.png"), "--plot", "does not exist")
     assert_one_line_error(
         cli(*sides, "--plot", tmp_path / "c.foo"), "--plot", "unknown image type .foo", ".png"
@@ -547,7 +548,6 @@ def test_bad_input_is_refused(tmp_path, capsys):
         ((good, binary), f"compare.py: {binary} is not a run log (binary data)"),
         ((tmp_path / "missing.txt", good), "no such file or folder"),
         ((good, empty_dir), "no run logs"),
-        ((good,), "at least one candidate"),
     ]:
         with pytest.raises(SystemExit) as e:
             compare.main([str(a) for a in args])
@@ -626,7 +626,9 @@ def test_trainer_cpu_record_parses(tmp_path, capsys):
     assert len(logs) == 1, logs
     run = compare.parse_log(logs[0], 3.28)
     assert capsys.readouterr().err == ""
-    assert "\n".join(run.source).rstrip() == open(TRAINER).read().rstrip()  # verbatim source
+    assert "\n".join(run.files["train_gpt2.py"]).rstrip() == open(TRAINER).read().rstrip()  # verbatim source
+    for name, lines in run.files.items():  # every further file (harness.py, ...) under its own name, verbatim
+        assert "\n".join(lines).rstrip() == open(os.path.join(ROOT, name)).read().rstrip(), name
     assert run.hparams["num_layers"] == "2" and run.hparams["num_iterations"] == "4"
     assert run.complete and run.last_step == run.total_steps == 4
     assert run.val[0][0] == 0 and math.isfinite(run.final_val) and run.final_val < run.val[0][1] + 0.5
@@ -646,3 +648,260 @@ def test_a_non_numeric_target_is_one_line():
         text=True,
     )
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--target" in r.stderr
+
+
+# ---- layouts: every variant of the format reads to the plain layout's numbers, with no warning ----
+
+RULE = "-" * 40
+HARNESS = ["import os", "", "def log(line):", "    print(line)", ""]
+
+
+def variant(path, public, features):
+    """The plain log of make_log, rewritten with the given format features."""
+    make_log(path, SRC_A, final=3.2771, public=public, hparams=None if public else {"untimed_steps": 10})
+    lines = path.read_text().splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step:"))
+    head, steps = lines[:first_step], lines[first_step:]
+    if "second_file" in features:  # after the main source, before the first '=' line that closes it
+        close = head.index(DIV, 1 if public else 0)
+        head[close:close] = [RULE, "# harness.py", RULE, *HARNESS]
+    if "third_section" in features:
+        head += [
+            "Training DataLoader: total number of tokens: 1800000000 across 18 files",
+            "Validation DataLoader: total number of tokens: 10485760 across 1 files",
+            DIV,
+        ]
+    if "compile_notes" in features:
+        head += ["Compiling model and warming up kernels (~7 minutes on first execution)", "warmup done"]
+    if "train_without_loss" in features:
+        steps = [re.sub(r" train_loss:\S+", "", line) for line in steps]
+    if "parameters" in features:
+        steps += [
+            DIV,
+            "scalars: torch.Size([64]) torch.float32 1.0 5.0",
+            "embed: torch.Size([50304, 768]) bf16",
+        ]
+    path.write_text("\n".join(head + steps) + "\n")
+    return path
+
+
+FEATURES = ["second_file", "third_section", "compile_notes", "train_without_loss", "parameters"]
+NUMBERS = ("steps", "total_steps", "complete", "val_loss", "train_time_ms", "ms_per_step", "target_step")
+
+
+@pytest.mark.parametrize("public", [True, False])
+@pytest.mark.parametrize("features", [[f] for f in FEATURES] + [FEATURES])
+def test_format_variants_read_like_the_plain_layout(tmp_path, capsys, public, features):
+    plain = variant(tmp_path / "plain.txt", public, [])
+    other = variant(tmp_path / "variant.txt", public, features)
+    rep, err = run_json(capsys, str(plain), str(other))
+    assert err == ""
+    a, b = (s["runs"][0] for s in rep["sides"])
+    assert a["steps"] == 100 and a["complete"] and a["train_time_ms"] == 13500
+    assert {k: b[k] for k in NUMBERS} == {k: a[k] for k in NUMBERS}
+    run = compare.parse_log(str(other), 3.28)
+    assert run.files["train_gpt2.py"] == SRC_A  # the source is never mixed with metadata
+    assert ("harness.py" in run.files) == ("second_file" in features)
+    if "second_file" in features:
+        assert run.files["harness.py"] == HARNESS
+    assert run.env.get("pytorch") and run.machine  # the environment is the section after the source
+    if "third_section" in features:
+        assert "Training DataLoader: total number of tokens: 1800000000 across 18 files" in run.metadata
+        assert not any("DataLoader" in line for line in run.source)
+    if "parameters" in features:
+        assert run.metadata[-1].startswith("embed: torch.Size")
+
+
+def test_cut_log_reports_its_last_whole_line(tmp_path):
+    """A log cut anywhere in its steps is read to its last whole line: that line's step and train time."""
+    full = make_log(tmp_path / "full.txt", tail=())
+    data = full.read_bytes()
+    begin = data.index(b"step:")
+    for frac in np.linspace(0.05, 0.999, 23):
+        cut = begin + int((len(data) - begin) * frac)
+        part = tmp_path / "cut.txt"
+        part.write_bytes(data[:cut])
+        whole = data[: data.rindex(b"\n", 0, cut) + 1].decode().splitlines()
+        last = next(line for line in reversed(whole) if line.startswith("step:"))
+        step, t = int(last.split()[0][5:].split("/")[0]), float(last.split("train_time:")[1].split("ms")[0])
+        run = compare.parse_log(str(part), 3.28)
+        assert (run.last_step, run.train_time_ms) == (step, t), frac
+        assert not run.complete
+
+
+def test_time_to_target_counts_runs_that_never_reached(tmp_path, capsys):
+    side = tmp_path / "side"
+    make_side(side, SRC_A, [3.270, 3.275, 3.300], [150, 150, 150], 0.02)
+    rep, _ = run_json(capsys, str(side))
+    st = rep["sides"][0]["stats"]
+    reached = sorted(r["target_time_ms"] for r in rep["sides"][0]["runs"] if r["target_time_ms"] is not None)
+    assert len(reached) == 2 and st["target_time_ms"]["reached"] == 2 and st["target_time_ms"]["n"] == 3
+    assert st["target_time_ms"]["median"] == pytest.approx(
+        reached[1]
+    )  # the miss counts as +inf, not as absent
+    make_log(side / "seed3.txt", final=3.31, hparams={"muon_lr": 0.02, "seq_len": 1024, "seed": 3})
+    rep, _ = run_json(capsys, str(side))
+    assert rep["sides"][0]["stats"]["target_step"] == {"median": None, "reached": 2, "n": 4}
+    compare.main([str(side)])
+    assert "(2 of 4 reached)" in capsys.readouterr().out
+
+
+def test_unknown_environment_is_one_line(tmp_path, capsys):
+    a = make_log(tmp_path / "a.txt")
+    b = make_log(tmp_path / "b.txt", env=["Running Python 3.11.7"])
+    compare.main([str(a), str(b)])
+    out = capsys.readouterr().out
+    assert sum("comparability is unknown" in line for line in out.splitlines()) == 1
+    assert "not comparable" not in out
+
+
+def test_machine_flags_do_not_split_a_configuration(tmp_path, capsys):
+    side = tmp_path / "abrec[x]"  # a path, never a pattern
+    side.mkdir()
+    for i, extra in enumerate([{}, {"device_batch_size": 8, "compile": "true"}, {"device": "cpu"}]):
+        make_log(side / f"r{i}.txt", final=3.27, hparams={"muon_lr": 0.02, "seed": i, **extra})
+    rep, err = run_json(capsys, str(side), str(side / "r0.txt"))
+    assert err == "" and len(rep["sides"][0]["configurations"]) == 1 and len(rep["sides"][0]["runs"]) == 3
+
+
+# ---- resumed runs ----
+
+
+def our_record(path, n=100, last=None, start=0, ms=150.0, untimed=10, parent=None, final=3.27, tail=None):
+    """A record of ours from `start` to `last`: the trainer's clock goes on from the checkpoint's (restored at
+    step `start`), and the part leaves its own first `untimed` steps out."""
+    last = n if last is None else last
+    restored = ms * max(0, start - untimed)  # what the parent's clock held at the checkpoint
+
+    def clock(s):
+        timed = restored / ms + max(0, s - start - untimed)
+        return f"train_time:{ms * timed:.0f}ms step_avg:{ms if timed else math.nan:.2f}ms"
+
+    notes = (
+        [f"resumed_from: ck/run-step{start:06d}.pt at step {start} (parent record {parent})"]
+        if parent
+        else []
+    )
+    lines = [*SRC_A, DIV, *OUR_ENV, "Hyperparameters:", f"--untimed_steps={untimed}", "--seed=0"]
+    lines += [f"--resume={'ck.pt' if parent else ''}", "Notes:", *notes, "cpu_threads: 2", DIV]
+    for s in range(start, last + 1):
+        if s % 25 == 0 or s == n:
+            lines.append(f"step:{s}/{n} val_loss:{curve(s, n, final):.4f} {clock(s)}")
+        if s < last:
+            lines.append(f"step:{s + 1}/{n} train_loss:{curve(s + 1, n, final) + 0.05:.4f} {clock(s + 1)}")
+    lines += tail if tail is not None else [f"summary: final_val_loss:{final:.4f} {clock(last)} world_size:1"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("resume_at, killed_at", [(50, 60), (95, 95), (5, 8)])
+def test_a_resumed_run_is_one_run_with_the_same_time(tmp_path, capsys, resume_at, killed_at):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    our_record(a / "fresh.txt")
+    stopped = ["stopped: SIGTERM at step 60: checkpoint saved", "summary: last_val_loss:3.4 last_val_step:50"]
+    our_record(b / "1-parent.txt", last=killed_at, tail=stopped)
+    our_record(b / "2-child.txt", start=resume_at, parent=f"records/2024-01-01_other/{'1-parent.txt'}")
+    rep, err = run_json(capsys, str(a), str(b))
+    assert err == ""
+    runs = rep["sides"][1]["runs"]
+    assert len(runs) == 1 and [os.path.basename(p) for p in runs[0]["parts"]] == [
+        "1-parent.txt",
+        "2-child.txt",
+    ]
+    fresh, chained = rep["sides"][0]["runs"][0], runs[0]
+    assert fresh["train_time_ms"] == 150 * 90 and fresh["estimated_ms"] == 0
+    # the child's untimed steps that the fresh run timed: those after step 10
+    assert chained["estimated_ms"] == 150 * (min(resume_at + 10, 100) - max(resume_at, 10))
+    assert rep["comparisons"][0]["train_time_ratio"] == 1.0  # exactly, by the rule
+    assert chained["ms_per_step"] == 150.0 and chained["complete"]
+    for key in ("val_loss", "target_step", "target_time_ms", "steps"):
+        assert chained[key] == pytest.approx(fresh[key])
+    compare.main([str(a), str(b)])
+    out = capsys.readouterr().out
+    assert "+1 part" in out and "13.5s*" in out and "estimated" in out and " 0.00 " not in out
+
+
+def test_a_resumed_part_alone_never_shows_zero_ms_per_step(tmp_path, capsys):
+    child = our_record(tmp_path / "child.txt", start=95, parent="records/x/gone.txt")
+    rep, err = run_json(capsys, str(child))
+    r = rep["sides"][0]["runs"][0]
+    assert "not found" in err and len(err.strip().splitlines()) == 1
+    assert r["ms_per_step"] == 150.0 and r["train_time_ms"] == 150 * 90
+
+
+def test_duplicate_step_lines_are_flagged_once(tmp_path, capsys):
+    parent = our_record(tmp_path / "p.txt", last=60, tail=[])
+    child = our_record(tmp_path / "c.txt", start=50)
+    text = parent.read_text() + "\n".join(
+        line for line in child.read_text().splitlines() if line.startswith(("step:", "summary:"))
+    )
+    parent.write_text(text + "\n")
+    rep, err = run_json(capsys, str(parent))
+    warned = [line for line in err.splitlines() if "repeat earlier steps" in line]
+    assert len(warned) == 1 and "11 step line(s)" in warned[0] and "step 50" in warned[0], err
+    assert rep["sides"][0]["runs"][0]["steps"] == 100
+
+
+# ---- code diff per file, --markdown ----
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_diff_per_embedded_file(tmp_path, capsys, public):
+    a = variant(tmp_path / "a.txt", public, ["second_file"])
+    b = variant(tmp_path / "b.txt", public, ["second_file"])
+    b.write_text(b.read_text().replace("    print(line)", "    print(line, flush=True)"))
+    rep, err = run_json(capsys, str(a), str(b))
+    c = rep["comparisons"][0]
+    assert err == "" and c["changed_files"] == ["harness.py"]
+    assert c["code_diff"].splitlines()[:2] == ["--- a/harness.py", "+++ b/harness.py"]
+    assert [x for x in c["code_diff"].splitlines()[3:] if x[:1] in "+-"] == [
+        "-    print(line)",
+        "+    print(line, flush=True)",
+    ]
+    compare.main([str(a), str(a)])
+    assert "(script sources identical)" in capsys.readouterr().out
+
+
+def test_markdown_diff_is_short(tmp_path, capsys):
+    src = [f"x{i} = {i}" for i in range(400)]
+    changed = [f"x{i} = {i + 1}" if i % 20 == 0 else line for i, line in enumerate(src)]
+    a, b = make_log(tmp_path / "a.txt", src), make_log(tmp_path / "b.txt", changed)
+    compare.main([str(a), str(b), "--markdown"])
+    out = capsys.readouterr().out
+    shown = out.split("```diff\n")[1].split("```")[0].splitlines()
+    assert 0 < sum(line.startswith("@@") for line in shown) < 20 and len(shown) <= 40 + 2
+    assert "- `train_gpt2.py`:" in out and "<details><summary>full diff" in out and "</details>" in out
+    full = out.split("<details>")[1].split("```diff\n")[1].split("```")[0]
+    assert sum(line.startswith("+x") for line in full.splitlines()) == 20
+
+
+# ---- one side, watched ----
+
+
+def test_one_side_is_reported(tmp_path, capsys):
+    live = our_record(tmp_path / "live.txt", last=70, tail=[])
+    with open(live, "a") as f:
+        f.write("step:71/100 train_loss:3.4")  # being written
+    compare.main([str(live), "--plot", str(tmp_path / "live.png")])
+    out = capsys.readouterr()
+    row = next(line for line in out.out.splitlines() if line.startswith("  A  "))
+    assert "70/100 early" in row and f"{150 * 60 / 1000:.1f}s" in row
+    assert (tmp_path / "live.png").read_bytes()[:4] == b"\x89PNG" and "Traceback" not in out.err
+
+
+def test_follow_stops_on_ctrl_c(tmp_path):
+    import signal
+
+    log = make_log(tmp_path / "a.txt")
+    p = subprocess.Popen(
+        [sys.executable, COMPARE, str(log), "--follow", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 30
+    first = p.stdout.readline()
+    while b"----" not in p.stdout.readline() and time.monotonic() < deadline:
+        pass
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert first and p.returncode == 130 and b"Traceback" not in err and err.strip().count(b"\n") == 0
+    assert_one_line_error(cli(log, "--follow", "0"), "--follow")
