@@ -1,7 +1,8 @@
-"""Tests for records/ab.py: two trainer variants timed in A B B A order, on the CPU with the tiny config."""
+"""records/ab.py (two trainer variants timed in A B B A order) and run.sh, on the CPU with the tiny config."""
 
 import ast
 import glob
+import json
 import os
 import re
 import signal
@@ -10,11 +11,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, STEP_LINE, TINY_FLAGS
+from conftest import ROOT, STEP_LINE, TINY_FLAGS, learnable_tokens
 from scipy import stats
 
 sys.path.insert(0, os.path.join(ROOT, "records"))
 import ab  # noqa: E402
+
+from data.shards import write_shard  # noqa: E402
 
 AB = os.path.join(ROOT, "records", "ab.py")
 TRAINER = os.path.join(ROOT, "train_gpt2.py")
@@ -210,3 +213,93 @@ def test_ctrl_c_stops_after_the_current_run(shards, tmp_path):
     assert list((tmp_path / "checkpoints").iterdir()) == []
     assert all(final_train_time(text) >= 0 for _, text in records)  # run 2 finished, not cut short
     assert "== comparison ==" in out and "has 1" in out  # one pair compared, no interval from one pair
+
+
+# --- run.sh ----------------------------------------------------------------------------------------
+
+RUN_SH = os.path.join(ROOT, "run.sh")
+DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def run_sh_calls(tmp_path, cwd, args, **env):
+    """run.sh with a PYTHON that only records each call: [(argv, cwd, TORCHELASTIC_SIGNALS_TO_HANDLE)]."""
+    stub, log = tmp_path / "python_stub", tmp_path / "calls.jsonl"
+    stub.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    signals = os.environ.get('TORCHELASTIC_SIGNALS_TO_HANDLE')\n"
+        "    print(json.dumps([sys.argv[1:], os.getcwd(), signals]), file=f)\n"
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "NPROC_PER_NODE": "1", "PYTHON": str(stub), **env}
+    env.pop("NNODES", None)
+    r = subprocess.run(["bash", RUN_SH, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+
+
+def test_run_sh_reads_both_flag_forms_and_paths_from_the_callers_folder(tmp_path, monkeypatch):
+    caller = tmp_path / "caller[1]"  # a folder named like a glob, too
+    (caller / "rel").mkdir(parents=True)
+    for name in ("tr_000001.bin", "tr_000002.bin", "v_000000.bin"):
+        (caller / "rel" / name).write_bytes(b"")
+    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+    flags = ["--input_bin", "rel/tr_*.bin", "--input_val_bin=rel/v_*.bin", "--records_dir", "recs"]
+    flags += ["--checkpoint_dir=/abs/ck", "--resume", "latest", "--seed", "3"]
+    calls = run_sh_calls(tmp_path, caller, flags)
+    assert len(calls) == 1  # --input_bin PATH: no FineWeb download
+    argv, cwd, signals = calls[0]
+    assert argv[:3] == ["-m", "torch.distributed.run", "--standalone"] and cwd == ROOT
+    assert signals == DEFAULT_SIGNALS  # torchrun passes USR1 (SLURM's warning) on to the trainer
+    script = argv.index("train_gpt2.py")
+    assert argv[script + 1 :] == [
+        "--input_bin",
+        glob.escape(str(caller)) + "/rel/tr_*.bin",
+        "--input_val_bin=" + glob.escape(str(caller)) + "/rel/v_*.bin",
+        "--records_dir",
+        f"{caller}/recs",
+        "--checkpoint_dir=/abs/ck",
+        "--resume",
+        "latest",
+        "--seed",
+        "3",
+    ]
+    assert len(glob.glob(argv[script + 2])) == 2 and len(glob.glob(argv[script + 3].split("=", 1)[1])) == 1
+
+
+def test_run_sh_fetches_the_data_without_input_bin_and_keeps_the_callers_signals(tmp_path):
+    calls = run_sh_calls(
+        tmp_path,
+        tmp_path,
+        ["--resume=ck/x.pt", "--input_val_bin", "/v/*.bin"],
+        TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM",
+    )
+    assert [argv[0] for argv, _, _ in calls] == ["data/cached_fineweb10B.py", "-m"]
+    assert calls[1][0][-3:] == [f"--resume={tmp_path}/ck/x.pt", "--input_val_bin", "/v/*.bin"]
+    assert {signals for _, _, signals in calls} == {"SIGTERM"}
+
+
+def test_run_sh_trains_on_relative_paths_from_another_folder(tmp_path):
+    """End to end on the CPU: shards, record and checkpoint where the caller's relative paths point."""
+    caller = tmp_path / "run[1]"
+    (caller / "shards").mkdir(parents=True)
+    for i in (1, 2):
+        write_shard(caller / "shards" / f"tiny_train_{i:06d}.bin", learnable_tokens(6000, seed=i))
+    write_shard(caller / "shards" / "tiny_val_000000.bin", learnable_tokens(2000, seed=99))
+    flags = [
+        *TINY_FLAGS,
+        "--num_iterations=3",
+        "--warmdown_iters=1",
+        "--input_bin",
+        "shards/tiny_train_*.bin",
+    ]
+    flags += ["--input_val_bin=shards/tiny_val_*.bin", "--records_dir", "recs", "--checkpoint_dir=ck"]
+    env = {**os.environ, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("NNODES", None)
+    r = subprocess.run(
+        ["bash", RUN_SH, *flags], cwd=caller, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    records = glob.glob(glob.escape(str(caller)) + "/recs/*_run/*.txt")
+    assert len(records) == 1 and STEP_LINE.findall(open(records[0]).read())[-1][:3] == ("3", "3", "val_loss")
+    assert len(glob.glob(glob.escape(str(caller)) + "/ck/run/*.pt")) == 1
