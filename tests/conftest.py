@@ -14,7 +14,7 @@ sys.path.insert(0, ROOT)
 
 from data.shards import write_shard  # noqa: E402
 
-# The tiny models' ops are too small to split: a second thread only spins against the other processes of a test.
+# The tiny models' ops are too small to split: a second thread only spins against a test's other processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
@@ -82,3 +82,14 @@ def read_record(records_dir):
 
 def losses(record, kind="train_loss"):
     return [float(m[3]) for m in STEP_LINE.findall(record) if m[2] == kind]
+
+
+def assert_one_line_error(result, *words, lines=1):
+    """A refusal as a user meets it: a non-zero exit, no traceback, `lines` lines on stderr (None: any number;
+    earlier ones are progress), the last naming each of `words`. `result`: a CompletedProcess or (rc, err)."""
+    returncode, stderr = (result.returncode, result.stderr) if hasattr(result, "returncode") else result
+    assert returncode != 0 and "Traceback" not in stderr, stderr
+    assert lines is None or len(stderr.strip().splitlines()) == lines, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert all(word in last for word in words), last
+    return last

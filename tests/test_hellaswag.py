@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -415,15 +416,6 @@ def cli(argv, tmp_path, **env):
     return r.returncode, r.stdout, r.stderr
 
 
-def assert_one_line_error(rc, err, *words, lines=1):
-    """A failure told in one line (the last of `lines` on stderr), naming each of `words`."""
-    assert rc != 0 and "Traceback" not in err, err
-    assert err.count("\n") == lines, err
-    last = err.splitlines()[-1]
-    for w in words:
-        assert w in last, last
-
-
 def test_download_once_from_the_hub_then_offline(trained, hub, tmp_path):
     parquet = write_parquet(tmp_path / "served.parquet").read_bytes()
     hub.files["Rowan/hellaswag"] = {("refs/convert/parquet", "default/validation/0000.parquet"): parquet}
@@ -443,22 +435,22 @@ def test_download_once_from_the_hub_then_offline(trained, hub, tmp_path):
 
     hub.files.clear()  # gone from the hub: one line (after "downloading"), and the folder made for it removed
     rc, _, err = cli([checkpoint, "--data_dir", tmp_path / "gone" / "hs"], tmp_path, HF_ENDPOINT=hub.url)
-    assert_one_line_error(rc, err, "not on the hub", "--data FILE", lines=2)
+    assert_one_line_error((rc, err), "not on the hub", "--data FILE", lines=2)
     assert not (tmp_path / "gone").exists()
     rc, _, err = cli([checkpoint, "--data_dir", tmp_path], tmp_path, HF_ENDPOINT=hub.url)  # a folder in use
-    assert_one_line_error(rc, err, "not on the hub", lines=2)
+    assert_one_line_error((rc, err), "not on the hub", lines=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hs", "served.parquet"]  # no .cache, no default/
 
 
 def test_offline_or_unreachable_with_nothing_cached_is_one_line_and_creates_nothing(trained, tmp_path):
     checkpoint = str(trained[0])
     rc, out, err = cli([checkpoint, "--data_dir", tmp_path / "a" / "hs"], tmp_path, HF_HUB_OFFLINE="1")
-    assert_one_line_error(rc, err, "HF_HUB_OFFLINE", "--data")
+    assert_one_line_error((rc, err), "HF_HUB_OFFLINE", "--data")
     assert out == "" and list(tmp_path.iterdir()) == []  # no data folder, no HF_HOME
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
     rc, out, err = cli([checkpoint, "--data_dir", tmp_path / "hs"], tmp_path, HF_ENDPOINT=closed)
-    assert_one_line_error(rc, err, closed)
+    assert_one_line_error((rc, err), closed)
     assert out == "" and list(tmp_path.iterdir()) == []

@@ -29,7 +29,13 @@ def test_step0_loss_is_ln_vocab():
 
 
 def test_full_config_step0_loss_is_ln_50304():
-    assert abs(math.log(Hyperparameters().vocab_size) - 10.8258) < 1e-4
+    """The recipe's own shape, zero-initialized head: every logit 0, the loss ln 50304 = 10.8258."""
+    torch.manual_seed(0)
+    model = GPT.from_args(Hyperparameters())
+    tokens = torch.randint(0, 50257, (1, 9))
+    with torch.no_grad():
+        loss = model(tokens[:, :-1], tokens[:, 1:]).item()
+    assert abs(loss - math.log(50304)) < 1e-4 and abs(loss - 10.8258) < 1e-4
 
 
 def test_logits_never_exceed_softcap():

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_FLAGS, losses, read_record
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, losses, read_record
 from test_compare import DIV, OUR_ENV, SRC_A, make_log
 
 REPLAY = os.path.join(ROOT, "records", "replay.py")
@@ -16,12 +16,6 @@ def replay(*args, timeout=60):
     return subprocess.run(
         [sys.executable, REPLAY, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode != 0 and r.stdout == "" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("replay.py: "), r.stderr
-    assert all(w in r.stderr for w in words), r.stderr
 
 
 def our_record(path, threads="cpu_threads: 2", world_size=1):

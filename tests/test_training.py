@@ -54,7 +54,7 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
 
 
 def test_golden_losses_of_a_fixed_tiny_config(shards, capsys):
-    """The first 10 train losses; regenerate with REGENERATE_GOLDEN=1 only for an intended change of the math."""
+    """The first 10 train losses; regenerate (REGENERATE_GOLDEN=1) only for an intended change of the math."""
     assert train_gpt2.main(TINY_FLAGS + shards + GOLDEN_FLAGS) == 0
     got = losses(read_record(shards[2].split("=", 1)[1]))
     if os.environ.get("REGENERATE_GOLDEN"):
@@ -148,7 +148,7 @@ def _record_or_empty(records_dir):
 
 
 def test_the_record_embeds_every_project_module_the_trainer_imported(shards, tmp_path):
-    """Run as torchrun runs it, then list the project's modules in sys.modules: each one's source is in the record."""
+    """Run as torchrun runs it, then list the project's modules in sys.modules: the record holds each one."""
     script = tmp_path / "list_modules.py"
     script.write_text(
         f"""import os, runpy, sys
