@@ -242,6 +242,7 @@ def test_sampling_a_document_masked_model_is_plain_causal_attention():
             "--num_heads=2",
             f"--vocab_size={TINY_VOCAB}",
             "--window_tokens=64",
+            f"--eot_token={EOT}",
         ]
     )
     torch.manual_seed(0)
@@ -415,3 +416,9 @@ def test_compiled_flex_attention_takes_every_window_without_recompiling():
             cpu = sdpa_in_chunks(q, k, v, masks)
             assert (attend(q, k, v, docs, torch.tensor(window)) - cpu).abs().max() < 1e-5
     assert len(graphs) == 1
+
+
+def test_the_eot_token_must_lie_inside_the_vocabulary_under_the_document_mask():
+    with pytest.raises(ConfigError, match="--eot_token=50256 is not below --vocab_size=256"):
+        parse_args(["--recipe=2024-11-19", "--vocab_size=256"])
+    assert parse_args(["--vocab_size=256"]).eot_token == 50256  # no document mask: never read
