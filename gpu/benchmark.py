@@ -1,8 +1,8 @@
 """Time a short training run of train_gpt2.py on synthetic shards and report its speed.
 
-    python tests/gpu_benchmark.py --preset full --steps 50        # 124M, micro-batch 64, compiled, on the GPU
-    python tests/gpu_benchmark.py --preset full24gb --steps 15    # 24 GB cap, micro-batch chosen by auto
-    python tests/gpu_benchmark.py --preset tiny --json            # 2 layers x 64 wide, on the CPU, in seconds
+    python gpu/benchmark.py --preset full --steps 50        # 124M, micro-batch 64, compiled, on the GPU
+    python gpu/benchmark.py --preset full24gb --steps 15    # 24 GB cap, micro-batch chosen by auto
+    python gpu/benchmark.py --preset tiny --json            # 2 layers x 64 wide, on the CPU, in seconds
 
 Any other argument goes to the trainer as a flag (it overrides the preset). The script
 writes synthetic shards (data.shards.write_shard) into a work folder, runs the trainer as a
@@ -14,6 +14,16 @@ MFU counts the model's FLOPs per token as 6 * (non-embedding parameters) + 12 * 
 * seq_len (forward + backward of every matmul, plus attention scores and values; the embedding
 is a lookup), about 0.85 GFLOP for the full config, against --peak_tflops per device (989:
 H100 dense bf16).
+
+--preset full24gb rehearses a 24 GB card on a larger one: the allocator is capped at 23 GiB
+(--memory_limit_gb=23: such a card's memory, 24 GB = 22.4-24.0 GiB by make, less its CUDA
+context of about 0.5 GiB), the micro-batch is chosen by the trainer's probe, and the run passes
+only if no out-of-memory error came after the probe and max_memory_reserved plus the CUDA
+context (gpu/trainer_memory.py measures both) stays under --max_memory_gb (24 GiB).
+--preset recipe times the trainer under another --recipe (given as a flag) at that recipe's
+own batch; --beside LOG prints it next to the default's step from gpu/report.py's headline
+in LOG. A SIGTERM (gpu/check.sh's deadline) stops the trainer at its next step and still
+prints what it measured.
 """
 
 import argparse
@@ -21,6 +31,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +50,7 @@ from data.shards import write_shard  # noqa: E402
 GPT2_VOCAB = 50257  # real token ids stay below this; the model's vocab is padded to 50304
 DIVIDER = "=" * 100
 
-# Per preset: the trainer flags, default steps and untimed steps, and a memory ceiling to check (GiB; 0 = none).
+# Per preset: the trainer flags, default steps and untimed steps, a memory ceiling to check (GiB; 0 = none).
 PRESETS = {
     "full": dict(
         flags=[
@@ -57,7 +68,7 @@ PRESETS = {
         flags=[
             "--batch_size=512",
             "--device_batch_size=auto",
-            "--memory_limit_gb=24",
+            "--memory_limit_gb=23",
             "--val_tokens=524288",
             "--device=cuda",
             "--compile=true",
@@ -65,6 +76,12 @@ PRESETS = {
         steps=15,
         untimed=5,
         max_memory_gb=24.0,
+    ),
+    "recipe": dict(  # the batch and sequence length are the recipe's own; val is cut to one step's tokens
+        flags=["--val_tokens=524288", "--device=cuda", "--compile=true"],
+        steps=5,
+        untimed=2,
+        max_memory_gb=0.0,
     ),
     "tiny": dict(
         flags=[
@@ -105,7 +122,7 @@ def synthetic_tokens(n, vocab, noise_seed, period_seed=0):
 
 
 def write_shards(folder, trainer_args, steps):
-    """One train shard (at most 64 global batches: the loader cycles it) and one val shard; returns their globs."""
+    """One train shard (at most 64 global batches: the loader cycles it) and one val shard; their globs."""
     os.makedirs(folder, exist_ok=True)
     step_tokens = trainer_args.batch_size * trainer_args.seq_len
     write_shard(
@@ -138,7 +155,7 @@ def model_flops_per_token(trainer_args):
 
 
 def parse_record(text):
-    """The parts of a record the benchmark needs: hyperparameter flags, notes, train losses, summary fields."""
+    """The parts of a record the benchmark needs: flags, notes, train losses, summary fields."""
     parts = text.split(DIVIDER + "\n")
     environment = parts[1] if len(parts) >= 3 else ""
     body = parts[2] if len(parts) >= 3 else ""
@@ -172,11 +189,34 @@ def number(text, unit=""):
         return float("nan")
 
 
-def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
-    """The benchmark's numbers from a parsed record (see parse_record)."""
+MEMORY_LINE = re.compile(
+    r"^trainer_memory: context_mib:(\d+) max_reserved_mib:(\d+) max_allocated_mib:(\d+) "
+    r"device_total_mib:(\d+)$",
+    re.M,
+)
+OOM_TEXT = "out of GPU memory"  # the trainer's one line for an OOM during training, after the probe
+
+
+def trainer_memory(output):
+    """gpu/trainer_memory.py's last report in the trainer's output, as {name: MiB}, or None."""
+    found = MEMORY_LINE.findall(output)
+    if not found:
+        return None
+    return dict(
+        zip(("context_mib", "max_reserved_mib", "max_allocated_mib", "device_total_mib"), map(int, found[-1]))
+    )
+
+
+def compute_metrics(record, peak_tflops, max_memory_gb=0.0, memory=None, oom=False):
+    """The benchmark's numbers from a parsed record (see parse_record). With `memory` (trainer_memory's
+    numbers) the memory verdict judges max_memory_reserved plus the CUDA context, else the record's peak;
+    an out-of-memory error after the probe (`oom`) fails it either way."""
+    import harness
     import train_gpt2
 
-    args = train_gpt2.parse_args(record["flags"])  # the run's resolved flags, auto micro-batch included
+    args = harness.parse_args(
+        train_gpt2.Hyperparameters, record["flags"]
+    )  # the run's resolved flags, auto micro-batch included
     summary = record["summary"]
     world_size = int(number(summary.get("world_size", "1")) or 1)
     accum = args.grad_accum_steps(world_size)
@@ -188,6 +228,7 @@ def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
     peak_mib = number(summary.get("peak_memory"), "MiB")
     note = next((n for n in record["notes"] if n.startswith("device_batch_size:")), "")
     losses = record["train_losses"]
+    card_mib = memory["context_mib"] + memory["max_reserved_mib"] if memory else peak_mib
     result = dict(
         device=summary.get("device", "?"),
         world_size=world_size,
@@ -212,7 +253,12 @@ def compute_metrics(record, peak_tflops, max_memory_gb=0.0):
         peak_memory_mib=peak_mib,
         peak_memory_gib=peak_mib / 1024,
         max_memory_gb=max_memory_gb,
-        memory_ok=None if not max_memory_gb else bool(peak_mib / 1024 < max_memory_gb),
+        memory=memory,
+        card_memory_gib=card_mib / 1024,
+        oom=oom,
+        memory_ok=None if not max_memory_gb else bool(card_mib / 1024 < max_memory_gb and not oom),
+        startup_s=number(summary.get("startup_s")),
+        compiled_graphs=number(summary.get("compiled_graphs")),
         first_train_loss=losses[0] if losses else float("nan"),
         last_train_loss=losses[-1] if losses else float("nan"),
         final_val_loss=number(summary.get("final_val_loss")),
@@ -227,7 +273,8 @@ def table(result, preset):
         ("device", f"{result['device']} (world size {result['world_size']})"),
         (
             "steps",
-            f"{result['steps_done']} of {result['steps']} done ({result['untimed_steps']} untimed: compile, warmup); "
+            f"{result['steps_done']} of {result['steps']} done ({result['untimed_steps']} untimed: compile, "
+            f"warmup); "
             f"{result['step_tokens']:,} tokens per step",
         ),
         (
@@ -245,9 +292,15 @@ def table(result, preset):
         ),
         (
             "MFU",
-            f"{100 * result['mfu']:.3g}% of {result['peak_tflops']:g} TFLOP/s x {result['world_size']} device(s)",
+            f"{100 * result['mfu']:.3g}% of {result['peak_tflops']:g} TFLOP/s x {result['world_size']} "
+            f"device(s)",
         ),
         ("peak memory", f"{result['peak_memory_mib']:,.0f} MiB ({result['peak_memory_gib']:.2f} GiB)"),
+        (
+            "start-up",
+            f"{result['startup_s']:.1f} s from the flags to the first timed step (compile included), "
+            f"{result['compiled_graphs']:.0f} compiled graphs",
+        ),
         (
             "train loss",
             f"{result['first_train_loss']:.4f} -> {result['last_train_loss']:.4f}; "
@@ -255,13 +308,28 @@ def table(result, preset):
         ),
     ]
     rows += [("note", n) for n in result["notes"]]
+    memory = result.get("memory")
+    if memory:
+        rows.append(
+            (
+                "card memory",
+                f"{'max_memory_reserved' if memory['device_total_mib'] else 'peak resident set (CPU)'} "
+                f"{memory['max_reserved_mib']:,} MiB + CUDA context "
+                f"{memory['context_mib']:,} MiB = {result['card_memory_gib']:.2f} GiB (after the probe; "
+                f"max_memory_allocated {memory['max_allocated_mib']:,} MiB)",
+            )
+        )
+    if result.get("oom"):
+        rows.append(("out of memory", "the trainer ran out of memory after the probe had chosen"))
     if result["memory_ok"] is not None:
         verdict = "PASS" if result["memory_ok"] else "FAIL"
-        sign = "<" if result["memory_ok"] else ">="
+        sign = "<" if result["card_memory_gib"] < result["max_memory_gb"] else ">="
+        what = "reserved + context" if memory else "peak"
         rows.append(
             (
                 "memory check",
-                f"{verdict}: peak {result['peak_memory_gib']:.2f} GiB {sign} {result['max_memory_gb']:g} GiB",
+                f"{verdict}: {what} {result['card_memory_gib']:.2f} GiB {sign} "
+                f"{result['max_memory_gb']:g} GiB" + (", but out of memory" if result.get("oom") else ""),
             )
         )
     if result["stopped"]:
@@ -276,12 +344,18 @@ def table(result, preset):
 # Running the trainer
 
 
+class Terminated(Exception):
+    """This script got SIGTERM (gpu/check.sh's deadline): stop the trainer, report what it measured."""
+
+
 def run_trainer(flags, timeout):
-    """Run train_gpt2.py with `flags`, echoing its output; past `timeout` seconds SIGTERM it (it stops at the
-    next step boundary and writes its summary), then SIGKILL. Returns (return code, timed out)."""
+    """Run train_gpt2.py (through gpu/trainer_memory.py, which adds its memory line) with `flags`, echoing its
+    output; past `timeout` seconds, or on a SIGTERM to this script, SIGTERM it (it stops at the next step
+    boundary and writes its summary), then SIGKILL. Returns (return code, timed out, its output)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    output = []
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train_gpt2.py"), *flags],
+        [sys.executable, os.path.join(ROOT, "gpu", "trainer_memory.py"), *flags],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -292,6 +366,7 @@ def run_trainer(flags, timeout):
 
     def echo():
         for line in proc.stdout:
+            output.append(line)
             print(f"trainer| {line}", end="", flush=True)
 
     reader = threading.Thread(target=echo, daemon=True)
@@ -299,19 +374,22 @@ def run_trainer(flags, timeout):
     timed_out = False
     try:
         proc.wait(timeout=timeout if timeout > 0 else None)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, Terminated) as e:
         timed_out = True
-        print(f"gpu_benchmark: the trainer ran past {timeout:g}s: SIGTERM", flush=True)
+        why = "got SIGTERM" if isinstance(e, Terminated) else f"ran past {timeout:g}s"
+        print(f"gpu_benchmark: {why}: SIGTERM to the trainer, which stops at its next step", flush=True)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(
+                    timeout=10
+                )  # gpu/check.sh's `timeout -k 15` kills this script 15 s after its SIGTERM
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         reader.join(timeout=5)
-    return proc.returncode, timed_out
+    return proc.returncode, timed_out, "".join(output)
 
 
 def main(argv=None):
@@ -329,7 +407,17 @@ def main(argv=None):
         "--max_memory_gb",
         type=float,
         default=None,
-        help="FAIL unless peak memory < this many GiB (full24gb: 24; 0 = no check)",
+        help="FAIL unless reserved memory + CUDA context < this many GiB (full24gb: 24; 0 = no check)",
+    )
+    parser.add_argument(
+        "--copy_record",
+        default="",
+        help="copy the trainer's record file (not its checkpoints) into this folder",
+    )
+    parser.add_argument(
+        "--beside",
+        default="",
+        help="a gpu/check.sh log: print this run's step beside the last gpu/report.py headline in it",
     )
     parser.add_argument(
         "--timeout", type=float, default=0, help="SIGTERM the trainer after this many seconds"
@@ -343,6 +431,7 @@ def main(argv=None):
     opts, passthrough = parser.parse_known_args(argv)
     passthrough = [a for a in passthrough if a != "--"]
 
+    import harness
     import train_gpt2
 
     preset = PRESETS[opts.preset]
@@ -365,17 +454,18 @@ def main(argv=None):
         ]
         flags = base + preset["flags"] + passthrough
         try:
-            shard_args = train_gpt2.parse_args(flags)
-        except train_gpt2.ConfigError as e:
+            shard_args = harness.parse_args(train_gpt2.Hyperparameters, flags)
+        except harness.ConfigError as e:
             raise SystemExit(f"gpu_benchmark: {e}") from None
         train_glob, val_glob = write_shards(os.path.join(workdir, "data"), shard_args, steps)
         flags = [f"--input_bin={train_glob}", f"--input_val_bin={val_glob}"] + flags
         print(
-            f"gpu_benchmark: preset {opts.preset}, {steps} steps; python {sys.executable}; work folder {workdir}",
+            f"gpu_benchmark: preset {opts.preset}, {steps} steps; python {sys.executable}; "
+            f"work folder {workdir}",
             flush=True,
         )
         print("gpu_benchmark: train_gpt2.py " + " ".join(flags), flush=True)
-        returncode, timed_out = run_trainer(flags, opts.timeout)
+        returncode, timed_out, output = run_trainer(flags, opts.timeout)
         records = sorted(glob.glob(os.path.join(workdir, "records", "*", "*.txt")), key=os.path.getmtime)
         if not records:
             print(
@@ -383,6 +473,11 @@ def main(argv=None):
                 flush=True,
             )
             return 1
+        if opts.copy_record:
+            os.makedirs(opts.copy_record, exist_ok=True)
+            copied = os.path.join(opts.copy_record, f"bench_{opts.preset}_{os.path.basename(records[-1])}")
+            shutil.copy(records[-1], copied)
+            print(f"gpu_benchmark: record copied to {copied}", flush=True)
         with open(records[-1]) as f:
             record = parse_record(f.read())
         if not record["summary"]:
@@ -390,7 +485,8 @@ def main(argv=None):
                 f"gpu_benchmark: FAIL: the record has no summary line (trainer exit {returncode})", flush=True
             )
             return 1
-        result = compute_metrics(record, opts.peak_tflops, max_memory_gb)
+        memory = trainer_memory(output)
+        result = compute_metrics(record, opts.peak_tflops, max_memory_gb, memory, OOM_TEXT in output)
         result.update(
             preset=opts.preset,
             returncode=returncode,
@@ -399,15 +495,18 @@ def main(argv=None):
             record=records[-1] if opts.workdir else None,
         )
         print(table(result, opts.preset), flush=True)
+        if opts.beside:
+            print(beside_line(result, shard_args, opts.beside), flush=True)
         failures = []
         if returncode != 0:
             failures.append(f"the trainer exited with {returncode}" + (" (timed out)" if timed_out else ""))
         if not math.isfinite(result["ms_per_step"]):
             failures.append("no timed step")
-        if result["memory_ok"] is False:
-            failures.append(
-                f"peak memory {result['peak_memory_gib']:.2f} GiB is not under {max_memory_gb:g} GiB"
-            )
+        if result["oom"]:
+            failures.append("out of memory after the probe")
+        if result["memory_ok"] is False and result["card_memory_gib"] >= max_memory_gb:
+            what = "reserved memory + CUDA context" if memory else "peak memory"
+            failures.append(f"{what} {result['card_memory_gib']:.2f} GiB is not under {max_memory_gb:g} GiB")
         print(
             f"gpu_benchmark: {'FAIL: ' + '; '.join(failures) if failures else 'PASS'} "
             f"({result['wall_s']:.0f}s wall)",
@@ -419,16 +518,44 @@ def main(argv=None):
             }
             print(json.dumps(clean), flush=True)
         return 1 if failures else 0
+    except Terminated:
+        print("gpu_benchmark: FAIL: SIGTERM before the trainer started: nothing measured", flush=True)
+        return 143
     finally:
         if not opts.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+HEADLINE = re.compile(r"^gpu_report: headline: .*; step ([\d.]+) ms, ([\d,]+) tokens/s", re.M)
+
+
+def beside_line(result, args, log_path):
+    """This run's step time and tokens/s beside the default recipe's, from gpu/report.py's last headline."""
+    ours = (
+        f"--recipe={args.recipe}: {result['ms_per_step']:.2f} ms per step of {result['step_tokens']:,} "
+        f"tokens ({result['accum_steps']} micro-steps of {result['device_batch_size']} x "
+        f"{result['seq_len']}), "
+        f"{result['tokens_per_s']:,.0f} tokens/s"
+    )
+    try:
+        with open(log_path) as f:
+            found = HEADLINE.findall(f.read())
+    except OSError:
+        found = []
+    if not found:
+        return f"gpu_benchmark: {ours}; the default's step was not measured in {log_path}"
+    ms, tokens = float(found[-1][0]), float(found[-1][1].replace(",", ""))
+    return (
+        f"gpu_benchmark: {ours}; beside the default recipe (gpu/report.py, same card): {ms:.2f} ms per step, "
+        f"{tokens:,.0f} tokens/s: {result['tokens_per_s'] / tokens:.2f}x the tokens/s"
+    )
+
+
 def exit_on_sigterm(signum, frame):
-    """`timeout` signals this process, then its whole group: act on the first signal only, so a second one
-    cannot cut short the cleanup (stopping the trainer, removing the work folder)."""
+    """`timeout` signals this process, then its whole group: act on the first signal only (a second one must
+    not cut short stopping the trainer, reading its record and removing the work folder)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(143)
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -1,48 +1,57 @@
 """The GPU report: where one optimizer step of train_gpt2.py spends its time, and what each speed habit gains.
 
-    python tests/gpu_report.py                  # the full 124M config on one GPU: 8 micro-steps of 64 x 1024 tokens
-    python tests/gpu_report.py --preset tiny    # the same plumbing on a CPU with a tiny model (the dry run)
+    python gpu/report.py              # the full 124M config on one GPU: 8 micro-steps of 64 x 1024 tokens
+    python gpu/report.py --preset tiny  # the same plumbing on a CPU with a tiny model (the dry run)
 
 The run is built by train_gpt2.build_run on synthetic shards and stepped by the trainer's own loop,
-train_gpt2.train, through stand-ins for its loader, model and optimizers that mark points of each step:
-CUDA events on a GPU (when the GPU gets there, so time it spends waiting for the host counts to the part it
-waits for), time.perf_counter on a CPU. The numbers are the trainer's own step, host sync included.
+train_gpt2.train(run, log, stop, latest), with the run's ddp, adam, muon, train_loader and clock fields
+replaced by marked stand-ins that mark points of each step: CUDA events on a GPU (when the GPU gets
+there, so time it spends waiting for the host counts to the part it waits for), time.perf_counter on a
+CPU. The numbers are the trainer's own step, host sync included. Lines come most valuable first:
 
-1. Breakdown (medians over --steps steps): data (next_batch, and the prefetch of the next batch),
+0. Compile: the warm-up steps on the wall clock (device synced at each point), so each compiled graph's
+   first call shows its compile time: the model's training graph (forward+backward of the first
+   micro-step) and Newton-Schulz once per matrix shape, with the graphs each added
+   (torch._dynamo's unique_graphs counter).
+1. Headline, after --headline_steps steps: ms per forward+backward micro-step and its MFU, the step's ms
+   and tokens/s.
+2. Breakdown (medians over --steps steps): data (next_batch, and the prefetch of the next batch),
    forward+backward (per micro-step, and its MFU), Adam, Muon (Newton-Schulz and the gather), host sync
    (zero_grad, the votes all-reduce, .tolist()) and other (the step time left over: lr setting,
    logging, the loop); then peak memory and issue 10's targets, each PASS or MISS. A timing never fails it.
-2. A/B, interleaved: the step time with every item on against the same with one item off, on and off in
+3. A/B, interleaved: the step time with every item on against the same with one item off, on and off in
    ABBA order, --repeats samples of each side. Off means:
      coordinate-descent tuning   the model compiled with INDUCTOR_OPTIONS less that key (a second compile)
      compiled Newton-Schulz      muon.orthogonalize set back to the eager newton_schulz_orthogonalize
-     prefetch                    the loader's prefetch() never called: next_batch() loads after the host sync
-     per-shard vocab check       the old per-batch check added back (max of the batch's uint16 window, on the host)
-   On a CPU compile is off, so the first two compare the eager code with itself: they are marked stand-in.
+     prefetch                    the loader's prefetch() never called: next_batch() loads after the sync
+     per-shard vocab check       the old per-batch check added back (max of the batch's window, on the host)
+   With compile off (the CPU) the first two compare the eager code with itself: they are marked stand-in.
 
-Items that would not finish within --timeout are skipped, and say so.
+Items that would not finish within --timeout are skipped, and say so. A SIGTERM (gpu/check.sh's deadline)
+prints what was measured up to then (the steps done, as headline and breakdown) and exits 143.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gpu_benchmark  # noqa: E402
-
+import harness  # noqa: E402
 import train_gpt2  # noqa: E402
+from gpu import benchmark  # noqa: E402
 
 # Steps run in stretches (train() is called again for each); these keep the schedule flat and every pause off.
 HARNESS_FLAGS = [
@@ -56,11 +65,11 @@ HARNESS_FLAGS = [
 PRESETS = {
     "full": dict(
         flags=["--batch_size=512", "--device_batch_size=64", "--val_tokens=524288", "--device=cuda"],
-        warmup=3,
+        warmup=2,  # step 1 compiles (tens of seconds to minutes), step 2 runs the compiled graphs once
         steps=10,
         repeats=4,
     ),
-    "tiny": dict(flags=gpu_benchmark.PRESETS["tiny"]["flags"], warmup=2, steps=6, repeats=3),
+    "tiny": dict(flags=benchmark.PRESETS["tiny"]["flags"], warmup=2, steps=6, repeats=3),
 }
 PARTS = ("data", "forward+backward", "Adam", "Muon", "host sync", "other")
 TARGETS = [  # issue 10, for one H100 80GB: (what, result key, at most, unit)
@@ -93,18 +102,39 @@ class StretchDone(Exception):
     """Raised by the loader stand-in to leave train() after a stretch's steps."""
 
 
-class Timeline:
-    """Named points of the step loop; the segment before each point takes the point's name."""
+class Terminated(Exception):
+    """SIGTERM: gpu/check.sh's deadline for this stage. Carries the steps measured in the cut stretch."""
 
-    def __init__(self, device):
-        self.cuda, self.points, self.step_walls = device.type == "cuda", [], []
+    steps = ()
+
+
+def raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # `timeout` signals this process, then its group: once
+    raise Terminated
+
+
+def unique_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+class Timeline:
+    """Named points of the step loop; the segment before each point takes the point's name. With `wall`
+    (the warm-up) every point syncs the device and reads the host clock, so compile time shows; each point
+    also notes torch._dynamo's graph count."""
+
+    def __init__(self, device, wall=False):
+        self.cuda, self.wall, self.points, self.step_walls = device.type == "cuda" and not wall, wall, [], []
+        self.device, self.graphs = device, []
 
     def mark(self, name, step_start=False):
         if self.cuda:
             point = torch.cuda.Event(enable_timing=True)
             point.record()
         else:
+            if self.wall and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             point = time.perf_counter()
+        self.graphs.append(unique_graphs())
         self.points.append((name, point, step_start))
         if step_start:
             self.step_walls.append(time.perf_counter())  # the host has synced at the end of the step before
@@ -112,18 +142,19 @@ class Timeline:
     def steps(self):
         """One {part: ms} per step, from one step start to the next (call after a device sync); `micro_steps`
         lists each micro-step's forward+backward, and `step` is the host's wall time of the step."""
-        steps, current, last = [], None, None
-        for name, point, step_start in self.points:
+        steps, current, last, last_graphs = [], None, None, 0
+        for (name, point, step_start), graphs in zip(self.points, self.graphs):
             if current is not None:
                 ms = last.elapsed_time(point) if self.cuda else 1000 * (point - last)
                 current[name] = current.get(name, 0.0) + ms
+                current["graphs"][name] = current["graphs"].get(name, 0) + graphs - last_graphs
                 if name == "forward+backward":
                     current["micro_steps"].append(ms)
             if step_start:
                 if current is not None:
                     steps.append(current)
-                current = dict(micro_steps=[])
-            last = point
+                current = dict(micro_steps=[], graphs={})
+            last, last_graphs = point, graphs
         for step, start, end in zip(steps, self.step_walls, self.step_walls[1:]):
             step["step"] = 1000 * (end - start)
         return steps
@@ -187,7 +218,26 @@ class MarkedOptimizer(StandIn):
         self.timeline.mark(self.name)
 
 
-class SyncClock(train_gpt2.Clock):
+class FirstCalls:
+    """A compiled function that times its first call per input shape (host clock, device synced): the
+    compile of that shape's graph, and the graphs it added."""
+
+    def __init__(self, fn, device):
+        self.fn, self.device, self.first = fn, device, {}  # {shape: (seconds, new graphs)}
+
+    def __call__(self, grad, *rest):
+        key = tuple(grad.shape)
+        if key in self.first:
+            return self.fn(grad, *rest)
+        graphs, started = unique_graphs(), time.perf_counter()
+        out = self.fn(grad, *rest)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.first[key] = (time.perf_counter() - started, unique_graphs() - graphs)
+        return out
+
+
+class SyncClock(harness.Clock):
     """The trainer's clock; its lap follows the one host sync of the step."""
 
     def __init__(self, device, timeline):
@@ -199,8 +249,9 @@ class SyncClock(train_gpt2.Clock):
         self.timeline.mark("host sync")
 
 
-class HarnessLog(train_gpt2.RunLog):
-    """The trainer's record writer (its step lines go to a file, as in a run); keeps the train losses, prints nothing."""
+class HarnessLog(harness.RunLog):
+    """The trainer's record writer (its step lines go to a file, as in a run); keeps the train losses and
+    prints nothing."""
 
     def __init__(self, path):
         super().__init__(path)
@@ -213,8 +264,8 @@ class HarnessLog(train_gpt2.RunLog):
 
 
 class PerBatchVocabCheck:
-    """The vocabulary check as it ran before issue 10: the max of each batch's window of the uint16 shard memmap,
-    on the host, before the copy. Keeps its own place in the shard (the loader's is private) and times itself."""
+    """The vocabulary check as it ran before issue 10: the max of each batch's window of the uint16 shard,
+    on the host, before the copy. Keeps its own place in the shard (the loader's is private), times itself."""
 
     def __init__(self, path, window, vocab_size):
         self.tokens, self.window, self.vocab_size, self.position = (
@@ -232,19 +283,24 @@ class PerBatchVocabCheck:
         top = self.tokens[self.position : self.position + self.window].max()
         self.position += self.window - 1
         if top >= self.vocab_size:
-            raise train_gpt2.ShardError(f"token id {top} is not below --vocab_size={self.vocab_size}")
+            raise harness.ShardError(f"token id {top} is not below --vocab_size={self.vocab_size}")
         self.host_ms.append(1000 * (time.perf_counter() - start))
 
 
 class Harness:
-    """One training run built as the trainer builds it, stepped by train_gpt2.train in stretches of a few steps."""
+    """One training run built as the trainer builds it (train_gpt2.build_run), stepped by train_gpt2.train
+    in stretches of a few steps, with marked stand-ins in the run's fields."""
 
     def __init__(self, args, device, log_path):
-        self.args, self.device, self.accum_steps = args, device, args.grad_accum_steps(1)
-        (self.model, self.compiled, self.adam, self.muon, self.loader, _), self.step, _, self.notes = (
-            train_gpt2.build_run(args, 0, 1, device, None)
-        )
-        self.compiled_ns = self.muon.orthogonalize  # what build_optimizers chose: compiled on CUDA
+        self.args, self.device = args, device
+        self.trainer_run, self.notes = train_gpt2.build_run(args, 0, 1, device, None)
+        run = self.trainer_run
+        self.model, self.compiled, self.adam, self.muon = run.model, run.ddp, run.adam, run.muon
+        self.loader, self.step, self.accum_steps = run.train_loader, run.start_step, run.accum_steps
+        self.compiled_ns = self.muon.orthogonalize  # what build_optimizers chose: compiled with --compile
+        if self.compiled_ns is not train_gpt2.newton_schulz_orthogonalize:
+            self.compiled_ns = FirstCalls(self.compiled_ns, device)  # its compile time per matrix shape
+        self.measured = []  # every step of the breakdown's stretches, for a report cut short
         self.cd_off_model = None if args.compile else self.model
         self.vocab_check = PerBatchVocabCheck(
             self.loader.files[0], args.batch_size * args.seq_len + 1, args.vocab_size
@@ -255,7 +311,8 @@ class Harness:
         """Whether the item's two sides are the same code here (compile is off on a CPU)."""
         return {
             "coordinate_descent": not self.args.compile,
-            "compiled_ns": self.compiled_ns is train_gpt2.newton_schulz_orthogonalize,
+            "compiled_ns": getattr(self.compiled_ns, "fn", self.compiled_ns)
+            is train_gpt2.newton_schulz_orthogonalize,
         }.get(field, False)
 
     def model_for(self, variant):
@@ -268,32 +325,31 @@ class Harness:
             self.cd_off_model = torch.compile(self.model, dynamic=False, options=options)
         return self.cd_off_model
 
-    def run(self, steps, variant=Variant()):
-        """`steps` optimizer steps of train_gpt2.train with `variant`; returns each step's parts in ms."""
-        timeline = Timeline(self.device)
+    def run(self, steps, variant=Variant(), wall=False):
+        """`steps` optimizer steps of train_gpt2.train with `variant`; returns each step's parts in ms. On a
+        SIGTERM the steps finished so far ride on the Terminated exception."""
+        timeline = Timeline(self.device, wall)
         self.muon.orthogonalize = (
             self.compiled_ns if variant.compiled_ns else train_gpt2.newton_schulz_orthogonalize
         )
+        marked = dataclasses.replace(
+            self.trainer_run,
+            ddp=MarkedModel(self.model_for(variant), timeline, self.accum_steps),
+            adam=MarkedOptimizer(self.adam, timeline, "Adam"),
+            muon=MarkedOptimizer(self.muon, timeline, "Muon"),
+            train_loader=MarkedLoader(self.loader, timeline, steps, variant, self.vocab_check),
+            start_step=self.step,
+            clock=SyncClock(self.device, timeline),
+        )
         try:
-            train_gpt2.train(
-                args=self.args,
-                world_size=1,
-                model=self.model,
-                ddp=MarkedModel(self.model_for(variant), timeline, self.accum_steps),
-                adam=MarkedOptimizer(self.adam, timeline, "Adam"),
-                muon=MarkedOptimizer(self.muon, timeline, "Muon"),
-                train_loader=MarkedLoader(self.loader, timeline, steps, variant, self.vocab_check),
-                val_loader=None,
-                accum_steps=self.accum_steps,
-                start_step=self.step,
-                clock=SyncClock(self.device, timeline),
-                log=self.log,
-                checkpoint_path=lambda step: None,
-                stop=SimpleNamespace(signal=None),
-                progress={},
-            )
+            train_gpt2.train(marked, self.log, harness.StopRequest(), harness.Latest(step=self.step))
         except StretchDone:
             pass
+        except Terminated as e:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            e.steps = timeline.steps()
+            raise
         finally:
             self.muon.orthogonalize = self.compiled_ns
         self.step += steps
@@ -317,11 +373,12 @@ def breakdown(steps, args, peak_tflops):
     step_ms = median(s["step"] for s in steps)
     parts["other"] = step_ms - sum(parts.values())  # so the parts add up to the step
     micro = [ms for s in steps for ms in s["micro_steps"]]
-    flops_per_token = gpu_benchmark.model_flops_per_token(args)[0]
+    flops_per_token = benchmark.model_flops_per_token(args)[0]
     micro_tokens = args.device_batch_size * args.seq_len
     micro_step_ms = median(micro)
     return dict(
         steps=len(steps),
+        micro_step_count=len(micro),
         accum_steps=args.grad_accum_steps(1),
         micro_batch=args.device_batch_size,
         seq_len=args.seq_len,
@@ -389,7 +446,8 @@ def breakdown_text(result, device_name, peak_memory_mib):
     lines += [
         f"  {'step'.ljust(16)} {step:10.2f} ms  100.0%   {result['tokens_per_s']:,.0f} tokens/s, MFU "
         f"{100 * result['mfu_step']:.3g}% of {result['peak_tflops']:g} TFLOP/s",
-        f"  {'peak memory'.ljust(16)} {peak_memory_mib:10,d} MiB   since the start, as in the trainer's summary",
+        f"  {'peak memory'.ljust(16)} {peak_memory_mib:10,d} MiB   since the start, as in the trainer's "
+        "summary",
         "gpu_report: targets (issue 10, for one H100 80GB, full config; never a failure):",
     ]
     lines += [f"  {what}: {verdict} ({value:.2f} {unit})" for what, verdict, value, unit in targets(result)]
@@ -406,82 +464,140 @@ def ab_text(row):
         else ""
     )
     return (
-        f"  {row['item']}: {row['change_pct']:+.1f}% step time (on {row['on_ms']:.2f} ms, off {row['off_ms']:.2f} ms, "
+        f"  {row['item']}: {row['change_pct']:+.1f}% step time (on {row['on_ms']:.2f} ms, off "
+        f"{row['off_ms']:.2f} ms, "
         f"{row['repeats']} repeats each, spread +/-{row['spread_pct']:.1f}%{extra}){note}"
     )
 
 
-def run_ab(harness, field, label, repeats, step_s, deadline):
+def run_ab(h, field, label, repeats, step_s, deadline):
     """One A/B row: on and off in ABBA order, `repeats` single-step samples of each side."""
-    settle = (
-        1 if field == "prefetch" else 0
-    )  # the first step after a switch still eats (or lacks) a prefetched batch
-    compile_s = 0.0
-    if field == "coordinate_descent" and harness.cd_off_model is None:
-        compile_s = harness.compile_s
+    settle = 1 if field == "prefetch" else 0  # the first step after a switch still eats (or lacks) a prefetch
+    compile_s = h.compile_s if field == "coordinate_descent" and h.cd_off_model is None else 0.0
     need = compile_s + 2 * repeats * (settle + 1) * step_s
     left = deadline - time.monotonic()
     if need * 1.2 > left:
         return dict(item=label, skipped=f"needs about {need:.0f} s, {left:.0f} s left of --timeout")
     if compile_s:
-        started, graphs = time.monotonic(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        harness.run(2, Variant(coordinate_descent=False))
-        graphs = (
-            torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-        )  # 0: the off side reused a graph
+        started, graphs = time.monotonic(), unique_graphs()
+        h.run(2, Variant(coordinate_descent=False))
         print(
-            f"gpu_report: compile without coordinate-descent tuning ({graphs} new graphs), 2 steps: "
-            f"{time.monotonic() - started:.1f} s",
+            f"gpu_report: compile without coordinate-descent tuning ({unique_graphs() - graphs} new graphs), "
+            f"2 steps: {time.monotonic() - started:.1f} s",
             flush=True,
         )
     samples = {True: [], False: []}
-    harness.vocab_check.host_ms.clear()
+    h.vocab_check.host_ms.clear()
     for repeat in range(repeats):
         for on in (True, False) if repeat % 2 == 0 else (False, True):
-            samples[on].append(harness.run(settle + 1, replace(Variant(), **{field: on}))[-1]["step"])
-    row = ab_row(label, samples, harness.stand_in(field))
+            samples[on].append(h.run(settle + 1, replace(Variant(), **{field: on}))[-1]["step"])
+    row = ab_row(label, samples, h.stand_in(field))
     if field == "per_shard_vocab_check":
-        row["check_host_ms"] = median(harness.vocab_check.host_ms)
+        row["check_host_ms"] = median(h.vocab_check.host_ms)
     return row
 
 
-def report(harness, opts, deadline):
-    device_name = train_gpt2.device_name(harness.device)
+def compile_lines(h, warmup_steps, warmup_s):
+    """(lines, numbers) of the warm-up: each compiled graph's first call on the host clock."""
+    first = warmup_steps[0] if warmup_steps else dict(micro_steps=[], graphs={})
+    micro = first["micro_steps"]
+    ns = sorted(getattr(h.compiled_ns, "first", {}).items())
+    numbers = dict(
+        warmup_s=warmup_s,
+        graphs=unique_graphs(),
+        first_step_s=first.get("step", float("nan")) / 1000,
+        first_micro_step_s=micro[0] / 1000 if micro else float("nan"),
+        model_graphs=first["graphs"].get("forward+backward", 0) + first["graphs"].get("other", 0),
+        newton_schulz=[dict(shape=list(shape), s=sec, graphs=n) for shape, (sec, n) in ns],
+    )
+    compiled = "compiled" if h.args.compile else "eager (compile off: 0 graphs, no compile time)"
+    lines = [
+        f"gpu_report: compile: warm-up of {len(warmup_steps)} steps {warmup_s:.1f} s; "
+        f"{numbers['graphs']} graphs in all (torch._dynamo unique_graphs); the model is {compiled}",
+        f"  first step {numbers['first_step_s']:.2f} s; its first forward+backward (the training graph's "
+        f"compile, {numbers['model_graphs']} graph(s)) {numbers['first_micro_step_s']:.2f} s, later "
+        "micro-steps "
+        f"{median(m / 1000 for m in micro[1:]):.3f} s",
+    ]
+    lines += [
+        f"  Newton-Schulz {shape[0]}x{shape[1]}: first call {sec:.2f} s ({n} graph(s))"
+        for shape, (sec, n) in ns
+    ]
+    return lines, numbers
+
+
+def headline_text(result):
+    """The most valuable numbers first; gpu/benchmark.py --beside reads the step ms and tokens/s."""
+    return (
+        f"gpu_report: headline: forward+backward {result['micro_step_ms']:.2f} ms per micro-step of "
+        f"{result['micro_batch']}x{result['seq_len']} (median of {result['micro_step_count']}), MFU "
+        f"{100 * result['mfu_micro_step']:.3g}% of {result['peak_tflops']:g} TFLOP/s; step "
+        f"{result['step_ms']:.2f} ms, {result['tokens_per_s']:,.0f} tokens/s"
+    )
+
+
+def report(h, opts, deadline, result):
+    """Fills `result` as it goes (a SIGTERM leaves what was done in it); prints each part once it exists."""
+    device_name = harness.device_name(h.device)
     started = time.monotonic()
-    harness.run(opts.warmup)
-    harness.compile_s = time.monotonic() - started
-    print(
-        f"gpu_report: warm-up ({opts.warmup} steps, compile included): {harness.compile_s:.1f} s", flush=True
-    )
-    result = breakdown(harness.run(opts.steps), harness.args, opts.peak_tflops)
-    peak = int(train_gpt2.peak_memory_mib(harness.device))
-    result.update(
-        device=device_name,
-        peak_memory_mib=peak,
-        first_loss=harness.log.losses[0],
-        last_loss=harness.log.losses[-1],
-        targets=targets(result),
-    )
+    result["phase"] = "warm-up (compile)"
+    warmup_steps = h.run(opts.warmup, wall=True)
+    h.compile_s = time.monotonic() - started
+    lines, result["compile"] = compile_lines(h, warmup_steps, h.compile_s)
+    print("\n".join(lines), flush=True)
+    for phase, count in (("headline", min(opts.headline_steps, opts.steps)), ("breakdown", opts.steps)):
+        result["phase"] = phase
+        h.measured += h.run(count - len(h.measured))
+        result.update(breakdown(h.measured, h.args, opts.peak_tflops))
+        if phase == "headline":
+            print(headline_text(result), flush=True)
+    peak = int(harness.peak_memory_mib(h.device))
+    result.update(device=device_name, peak_memory_mib=peak, targets=targets(result))
     print(breakdown_text(result, device_name, peak), flush=True)
-    print(
-        "gpu_report: A/B, each item on and off in turn (ABBA), the step time with everything on against "
-        "the same with that one item off:",
-        flush=True,
-    )
-    result["ab"] = []
+    result["phase"], result["ab"] = "A/B", []
+    if opts.ab:
+        print(
+            "gpu_report: A/B, each item on and off in turn (ABBA), the step time with everything on against "
+            "the same with that one item off:",
+            flush=True,
+        )
     for field, label in AB_ITEMS:
-        if field not in opts.ab:
-            continue
-        row = run_ab(harness, field, label, opts.repeats, result["step_ms"] / 1000, deadline)
-        print(ab_text(row), flush=True)
-        result["ab"].append(row)
-    result["last_loss"] = harness.log.losses[-1]
+        if field in opts.ab:
+            row = run_ab(h, field, label, opts.repeats, result["step_ms"] / 1000, deadline)
+            print(ab_text(row), flush=True)
+            result["ab"].append(row)
+    result.update(phase="done", first_loss=h.log.losses[0], last_loss=h.log.losses[-1])
+    print(f"gpu_report: {loss_text(h)}; {time.monotonic() - started:.0f} s in all", flush=True)
+
+
+def loss_text(h):
+    losses = h.log.losses
+    if not losses:
+        return "no step finished"
+    return f"train loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps"
+
+
+def cut_short(h, result, error, opts):
+    """What a SIGTERM left: the steps measured so far, as headline and breakdown."""
     print(
-        f"gpu_report: train loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} over "
-        f"{len(harness.log.losses)} steps; {time.monotonic() - started:.0f} s in all",
+        f"gpu_report: SIGTERM during the {result.get('phase', 'start-up')}: what was measured by then:",
         flush=True,
     )
-    return result
+    if h is None:
+        print("gpu_report: nothing: the run was still being built", flush=True)
+        return
+    phase = result.get("phase")
+    steps = h.measured + (list(error.steps) if phase in ("headline", "breakdown") else [])
+    if phase in (None, "warm-up (compile)", "headline", "breakdown"):
+        if steps:
+            result.update(breakdown(steps, h.args, opts.peak_tflops))
+            peak = int(harness.peak_memory_mib(h.device))
+            result.update(device=harness.device_name(h.device), peak_memory_mib=peak, targets=targets(result))
+            print(headline_text(result), flush=True)
+            print(breakdown_text(result, result["device"], peak), flush=True)
+        else:
+            print("gpu_report: no measured step finished (still compiling?)", flush=True)
+    print(f"gpu_report: {loss_text(h)}", flush=True)
 
 
 def main(argv=None):
@@ -493,6 +609,9 @@ def main(argv=None):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--warmup", type=int, default=0, help="untimed first steps (default: the preset's)")
     parser.add_argument("--steps", type=int, default=0, help="steps of the breakdown (default: the preset's)")
+    parser.add_argument(
+        "--headline_steps", type=int, default=2, help="steps before the headline is printed (default: 2)"
+    )
     parser.add_argument("--repeats", type=int, default=0, help="A/B samples per side (default: the preset's)")
     parser.add_argument(
         "--ab",
@@ -521,38 +640,43 @@ def main(argv=None):
     preset = PRESETS[opts.preset]
     for key in ("warmup", "steps", "repeats"):
         setattr(opts, key, getattr(opts, key) or preset[key])
-    workdir = tempfile.mkdtemp(prefix="gpu_report_")
+    workdir, h, result, status = tempfile.mkdtemp(prefix="gpu_report_"), None, dict(preset=opts.preset), 0
     try:
         try:
-            args = train_gpt2.parse_args(HARNESS_FLAGS + preset["flags"] + trainer_flags)
+            args = harness.parse_args(
+                train_gpt2.Hyperparameters, HARNESS_FLAGS + preset["flags"] + trainer_flags
+            )
             _, _, device = train_gpt2.setup_distributed(args.device)
-        except train_gpt2.ConfigError as e:
+        except harness.ConfigError as e:
             raise SystemExit(f"gpu_report: {e}") from None
-        args.input_bin, args.input_val_bin = gpu_benchmark.write_shards(
-            os.path.join(workdir, "data"), args, 64
-        )
-        args.compile = (
-            device.type == "cuda" if args.compile is None else args.compile
-        )  # as train_gpt2.run does
+        args.input_bin, args.input_val_bin = benchmark.write_shards(os.path.join(workdir, "data"), args, 64)
+        args.compile = device.type == "cuda" if args.compile is None else args.compile  # as train_gpt2.run
         print(
             f"gpu_report: preset {opts.preset}: {args.num_layers} layers x {args.model_dim}, "
-            f"{args.grad_accum_steps(1)} micro-steps of {args.device_batch_size} x {args.seq_len} tokens per step; "
-            f"compile {'on, options ' + str(train_gpt2.INDUCTOR_OPTIONS) if args.compile else 'off'}; "
+            f"{args.grad_accum_steps(1)} micro-steps of {args.device_batch_size} x {args.seq_len} tokens per "
+            f"step; compile {'on, options ' + str(train_gpt2.INDUCTOR_OPTIONS) if args.compile else 'off'}; "
             f"PyTorch {torch.__version__}, python {sys.executable}",
             flush=True,
         )
         with train_gpt2.attention_backends(device) as attention_note:
             print(f"gpu_report: {attention_note}", flush=True)
-            harness = Harness(args, device, os.path.join(workdir, "steps.txt"))
-            result = report(harness, opts, deadline)
-            harness.log.close()
-        result["preset"] = opts.preset
+            try:
+                h = Harness(args, device, os.path.join(workdir, "steps.txt"))
+                report(h, opts, deadline, result)
+            except Terminated as e:
+                cut_short(h, result, e, opts)
+                status = 143
+            finally:
+                if h is not None:
+                    h.log.close()
         if opts.json:
-            print(json.dumps(result), flush=True)
-        return 0
+            clean = {k: v for k, v in result.items() if k != "phase"}
+            print(json.dumps(clean), flush=True)
+        return status
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, raise_terminated)
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""GPU-only tests: the bf16 path, compile and the memory probe on CUDA. tests/gpu_check.sh runs them on a GPU.
+"""GPU-only tests: the bf16 path, compile and the memory probe on CUDA. gpu/check.sh runs them on a GPU.
 
 Each is skipped without a CUDA GPU and names its CPU sibling, which checks the same logic on the CPU
 (fp32 there, the recipe's CPU path) in every CI run.
@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, parse_args, read_record
 
 import train_gpt2
+from harness import choose_device_batch_size
 from train_gpt2 import (
     GPT,
     CastedLinear,
@@ -21,13 +22,13 @@ from train_gpt2 import (
     cast_model,
     newton_schulz_orthogonalize,
 )
-from harness import choose_device_batch_size
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU; the CPU siblings are tests/test_model.py::test_bf16_casts_keep_fp32_master_weights_for_"
-    "linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_complete_record, "
-    "tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits and tests/test_gpu_benchmark.py",
+    reason="needs a CUDA GPU; the CPU siblings are tests/test_model.py::test_bf16_casts_keep_fp32_master_"
+    "weights_for_linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_"
+    "complete_record, tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits, "
+    "tests/test_gpu_benchmark.py and tests/test_compiled.py",
 )
 
 CUDA = torch.device("cuda")
@@ -110,7 +111,7 @@ def test_compiled_cuda_run_learns_and_names_the_gpu(shards):
 
 
 def test_auto_micro_batch_probe_on_cuda_stays_under_the_limit():
-    """CPU sibling: tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits (a fake `fits` there).
+    """CPU sibling: tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits (a fake `fits`).
 
     The full 124M model under a cap that 64 sequences do not fit in: the real probe picks a smaller divisor,
     and a real training micro-step with optimizer states at that size then runs under the cap."""

@@ -1,8 +1,8 @@
-"""CPU sibling of the GPU check: tests/gpu_benchmark.py on the tiny preset, its numbers checked by hand.
+"""CPU sibling of the GPU check: gpu/benchmark.py on the tiny preset, its numbers checked by hand.
 
-tests/gpu_check.sh runs the same script with --preset full24gb on a GPU (--preset full is for runs by hand); here the
-same code path (synthetic shards, trainer subprocess, record parsing, FLOP count, memory verdict)
-runs on the CPU in seconds.
+gpu/check.sh runs the same script with --preset full24gb and --preset recipe on a GPU (--preset full is for
+runs by hand); here the same code path (synthetic shards, trainer subprocess through gpu/trainer_memory.py,
+record parsing, FLOP count, memory verdict) runs on the CPU in seconds.
 """
 
 import json
@@ -11,13 +11,14 @@ import re
 import subprocess
 import sys
 
-import gpu_benchmark
 import pytest
 from conftest import ROOT
 
+import harness
 import train_gpt2
+from gpu import benchmark as gpu_benchmark
 
-SCRIPT = os.path.join(ROOT, "tests", "gpu_benchmark.py")
+SCRIPT = os.path.join(ROOT, "gpu", "benchmark.py")
 
 
 def run_benchmark(*args):
@@ -76,12 +77,15 @@ def test_tiny_benchmark_numbers_are_consistent(tmp_path):
 
 
 def test_auto_micro_batch_and_memory_verdict(tmp_path):
-    """The full24gb path on the CPU: auto micro-batch is read from the record's note, and the memory check fails
-    the run when the peak is over the ceiling."""
+    """The full24gb path on the CPU: auto micro-batch is read from the record's note, and the memory check
+    fails the run when the memory is over the ceiling."""
     proc, result = run_benchmark("--device_batch_size=auto", "--max_memory_gb=0.01", "--steps", "6")
     assert proc.returncode == 1
-    assert re.search(r"memory check +FAIL: peak \d+\.\d\d GiB >= 0\.01 GiB", proc.stdout)
-    assert "gpu_benchmark: FAIL: peak memory" in proc.stdout
+    assert re.search(r"memory check +FAIL: reserved \+ context \d+\.\d\d GiB >= 0\.01 GiB", proc.stdout)
+    assert "gpu_benchmark: FAIL: reserved memory + CUDA context" in proc.stdout
+    memory = result["memory"]  # gpu/trainer_memory.py's line; on the CPU: the peak resident set, no context
+    assert memory["context_mib"] == memory["device_total_mib"] == 0 and memory["max_reserved_mib"] > 0
+    assert result["card_memory_gib"] == memory["max_reserved_mib"] / 1024 and result["oom"] is False
     assert result["memory_ok"] is False and result["max_memory_gb"] == 0.01
     assert (result["device_batch_size"], result["accum_steps"]) == (8, 1)
     assert result["device_batch_size_note"].startswith("device_batch_size: 8 (auto on CPU")
@@ -98,9 +102,11 @@ def test_full_config_is_about_085_gflop_per_token():
 
 def test_metrics_of_a_24gb_record():
     """What gpu_check.sh's 24 GB stage reports, from a record as an H100 would write it."""
-    flags = train_gpt2.Hyperparameters(
-        batch_size=512, device_batch_size=16, val_tokens=524288, memory_limit_gb=24
-    ).as_flags()
+    flags = harness.as_flags(
+        train_gpt2.Hyperparameters(
+            batch_size=512, device_batch_size=16, val_tokens=524288, memory_limit_gb=23
+        )
+    )
     record = "\n".join(
         [
             "source",
@@ -149,3 +155,63 @@ def test_synthetic_tokens_fit_the_vocab_and_bad_flags_are_refused():
     for bad in ("--bogus=1", "stray"):  # the trainer's parser refuses them, before any shard is written
         with pytest.raises(SystemExit, match=f"^gpu_benchmark: .*{bad}"):
             gpu_benchmark.main(["--preset", "tiny", bad])
+
+
+def test_24gb_verdict_judges_reserved_memory_plus_the_context_and_any_oom_after_the_probe():
+    """What a 24 GB card must hold: the allocator's reserve plus the CUDA context, not the tensors' peak."""
+    flags = harness.as_flags(
+        train_gpt2.Hyperparameters(batch_size=512, device_batch_size=32, val_tokens=524288)
+    )
+    record = dict(
+        flags=flags,
+        notes=[],
+        train_losses=[10.8, 9.0],
+        stopped=None,
+        summary=dict(step_avg="1000.00ms", peak_memory="20000MiB", device="NVIDIA H200"),
+    )
+    output = "trainer| x\ntrainer_memory: context_mib:512 max_reserved_mib:23040 max_allocated_mib:20000 "
+    output += "device_total_mib:143771\n"
+    memory = gpu_benchmark.trainer_memory(output)
+    assert memory == dict(
+        context_mib=512, max_reserved_mib=23040, max_allocated_mib=20000, device_total_mib=143771
+    )
+    fits = gpu_benchmark.compute_metrics(record, 989.0, 24, memory)
+    assert fits["card_memory_gib"] == pytest.approx((512 + 23040) / 1024) and fits["memory_ok"] is True
+    over = gpu_benchmark.compute_metrics(record, 989.0, 24, dict(memory, max_reserved_mib=24064))
+    assert over["card_memory_gib"] == 24.0 and over["memory_ok"] is False  # the tensors alone: 19.5 GiB
+    oom = gpu_benchmark.compute_metrics(record, 989.0, 24, memory, oom=True)
+    assert oom["memory_ok"] is False
+    text = gpu_benchmark.table(oom, "full24gb")
+    assert "max_memory_reserved 23,040 MiB + CUDA context 512 MiB = 23.00 GiB" in text
+    assert "FAIL: reserved + context 23.00 GiB < 24 GiB, but out of memory" in text
+    assert gpu_benchmark.trainer_memory("no such line") is None
+
+
+def test_recipe_step_is_printed_beside_the_default_from_the_report_headline(tmp_path):
+    args = train_gpt2.Hyperparameters(recipe="2024-11-24")
+    result = dict(ms_per_step=500.0, step_tokens=524288, accum_steps=8, device_batch_size=1, seq_len=65536)
+    result["tokens_per_s"] = 524288 / 0.5
+    log = tmp_path / "check.txt"
+    log.write_text(
+        "gpu_report: headline: forward+backward 130.00 ms per micro-step of 64x1024 (median of 16), MFU 40% "
+        "of 989 TFLOP/s; step 1048.58 ms, 500,000 tokens/s\n"
+    )
+    line = gpu_benchmark.beside_line(result, args, str(log))
+    assert line == (
+        "gpu_benchmark: --recipe=2024-11-24: 500.00 ms per step of 524,288 tokens (8 micro-steps of 1 x "
+        "65536), 1,048,576 tokens/s; beside the default recipe (gpu/report.py, same card): 1048.58 ms per "
+        "step, 500,000 tokens/s: 2.10x the tokens/s"
+    )
+    missing = gpu_benchmark.beside_line(result, args, str(tmp_path / "none.txt"))
+    assert missing.endswith(f"the default's step was not measured in {tmp_path / 'none.txt'}")
+
+
+def test_the_record_is_copied_and_the_work_folder_removed(tmp_path):
+    proc, result = run_benchmark("--steps", "4", "--copy_record", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    copied = os.listdir(tmp_path / "out")
+    assert len(copied) == 1 and copied[0].startswith("bench_tiny_") and copied[0].endswith(".txt")
+    text = (tmp_path / "out" / copied[0]).read_text()
+    assert text.splitlines()[-1].startswith("summary: ") and "--num_iterations=4" in text
+    work = re.search(r"work folder (\S+)", proc.stdout)[1]
+    assert not os.path.exists(work)  # shards, records and checkpoints: gone
