@@ -6,11 +6,16 @@ train_gpt2: the recipe hands it the Hyperparameters class, its modules and its s
 """
 
 import argparse
+import bisect
 import dataclasses
 import errno
+import gc
 import glob
+import math
 import os
 import platform
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +24,7 @@ import tempfile
 import time
 import types
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import field
 from datetime import datetime, timedelta
 
@@ -69,6 +74,9 @@ def output_error(path, error):
 POSITIVE = (lambda v: v > 0, "must be positive")
 NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+LEARNING_RATE = (lambda v: 0 < v < 1e38, "must be positive and within float32 (below 1e38)")
+AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
+SEED = (lambda v: -(2**63) <= v < 2**64, "must fit in 64 bits, as torch.manual_seed takes it")
 
 
 def knob(default, help, rule=None, kind="recipe"):
@@ -82,9 +90,11 @@ def fields_of_kind(cls, kind):
 
 
 def check_fields(args):
-    """Each field's own rule; the recipe checks the rules between fields."""
+    """Each field's own rule; the recipe checks the rules between fields. No float flag takes nan or inf."""
     for f in dataclasses.fields(args):
         value, rule = getattr(args, f.name), f.metadata["rule"]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value!r}")
         if rule and value is not None and not rule[0](value):
             raise ConfigError(f"--{f.name} {rule[1]}, got {value!r}")
 
@@ -147,11 +157,39 @@ def parse_flags(cls, argv, description=""):
 
 
 def parse_args(cls, argv):
-    return cls(**parse_flags(cls, argv))
+    return with_recipe(cls, parse_flags(cls, argv))
+
+
+def with_recipe(cls, flags, inherited=None):
+    """cls from its defaults, under its named recipe's (cls.RECIPES), under a resumed checkpoint's values,
+    under the flags given: a recipe's defaults never override what a checkpoint inherits."""
+    inherited, recipes = inherited or {}, getattr(cls, "RECIPES", {})
+    if not recipes:
+        return cls(**{**inherited, **flags})
+    trained = inherited.get("recipe", cls.recipe)  # a checkpoint from before --recipe: the default one
+    name = flags.get("recipe", trained)
+    if inherited and name != trained:
+        raise CheckpointError(
+            f"--recipe={name}, but the checkpoint was trained with --recipe={trained}: a resume continues "
+            f"its recipe (give single flags to change its knobs)"
+        )
+    recipe_defaults = recipes.get(name, {})  # an unknown name fails cls's own check
+    return cls(**{**recipe_defaults, **inherited, **flags})
 
 
 # ----------------------------------------------------------------------------------------------
 # The record: the speedrun's log format, every project file the run imported at its top
+
+
+def drop_console():
+    """Send stdout to /dev/null from now on, its unflushed bytes too: no BrokenPipeError at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout
+        sys.stdout = open(os.devnull, "w")
+    return True
 
 
 class RunLog:
@@ -159,7 +197,7 @@ class RunLog:
     cannot take is left out whole and remembered in `error`: the loop then stops the run at the next step."""
 
     def __init__(self, path):
-        self.path, self.fd, self.size, self.error = path, None, 0, None
+        self.path, self.fd, self.size, self.error, self.console_lost = path, None, 0, None, False
         if path:
             try:  # O_EXCL: never over an earlier record; O_APPEND: after a failed line, the next at the end
                 self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -169,8 +207,14 @@ class RunLog:
     def __call__(self, line="", console=True, record=True):
         if self.fd is None:
             return
-        if console:
-            print(line, flush=True)
+        if console and not self.console_lost:
+            try:
+                print(line, flush=True)
+            except OSError as e:  # a closed pipe (| head), a hung-up terminal, > /dev/full: no reason to stop
+                self.console_lost = drop_console()
+                self(
+                    f"console: lost ({type(e).__name__}: {e}): output only to this record from here on", False
+                )
         if (
             record and self.error is None
         ):  # after a failure, the console only: no line goes missing mid-record
@@ -267,6 +311,8 @@ def open_record(run, recipe, notes):
         f"{args.device_batch_size} x {run.accum_steps} micro-steps)",
         record=False,
     )
+    if args.compile:
+        log("compiling: the first steps build the compiled graphs, untimed (minutes on a GPU)", record=False)
     return log
 
 
@@ -275,6 +321,7 @@ class Clock:
 
     def __init__(self, device, train_ms=0.0, timed_steps=0):
         self.device, self.train_ms, self.timed_steps, self.since = device, train_ms, timed_steps, None
+        self.first_started = None  # when this process's timing began: its start-up ends there
 
     def _now(self):
         if self.device.type == "cuda":
@@ -283,6 +330,7 @@ class Clock:
 
     def start(self):
         self.since = self._now()
+        self.first_started = self.first_started or time.monotonic()
 
     def lap(self, count_step=True):
         """Add the time since the last lap (a finished step, or the start of a pause)."""
@@ -309,14 +357,18 @@ class Latest:
 
     step: int
     val_loss: float = float("nan")
+    val_step: int | None = None
 
 
 def progress_line(step, args, train_loss, steps_per_s, clock):
+    """The console's progress; the ETA comes from timed steps only, once there are any."""
+    line = f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s"
+    if not clock.timed_steps:
+        return line + f" | untimed warmup steps ({args.untimed_steps}{', compiling' if args.compile else ''})"
+    eta = (args.num_iterations - step) * clock.train_ms / clock.timed_steps / 1000
     return (
-        f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s "
-        f"{steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
-        f"{timedelta(seconds=round(clock.train_ms / 1000))} eta "
-        f"{timedelta(seconds=round((args.num_iterations - step) / steps_per_s))}"
+        f"{line} {steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
+        f"{timedelta(seconds=round(clock.train_ms / 1000))} eta {timedelta(seconds=round(eta))}"
     )
 
 
@@ -346,7 +398,7 @@ def prepare_outputs(args, started):
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise OutputError(f"cannot write to {folder}: {e.strerror}; pick another --{flag}") from None
-    stale = glob.glob(os.path.join(folders["checkpoint_dir"], "*.pt.tmp"))
+    stale = glob.glob(os.path.join(glob.escape(folders["checkpoint_dir"]), "*.pt.tmp"))
     return [
         f"stale: {path} ({os.path.getsize(path) / 2**20:.0f} MiB), a checkpoint an earlier run was "
         f"writing when it was killed: delete it"
@@ -362,9 +414,9 @@ def check_data(args, train_loader, val_loader):
             f"--input_bin also matches the validation shard {overlap.pop()}: training on it makes "
             f"val loss meaningless; narrow the glob"
         )
-    if len(val_loader.tokens) < args.val_tokens + 1:  # the loader has the first val shard open
+    if val_loader.shard_tokens < args.val_tokens + 1:  # the loader has the first val shard open
         raise ShardError(
-            f"{val_loader.files[0]}: {len(val_loader.tokens)} tokens is fewer than "
+            f"{val_loader.files[0]}: {val_loader.shard_tokens} tokens is fewer than "
             f"--val_tokens={args.val_tokens} (+1); lower --val_tokens"
         )
     if args.num_iterations <= train_loader.steps_per_pass:
@@ -407,14 +459,33 @@ def cap_memory(args, device):
 # The micro-batch probe: the largest micro-batch that fits this device
 
 
-def probe_fits(model, args, size, device):
-    """Whether a real forward+backward of `size` sequences fits, beside room for the optimizer states.
+def document_pieces(starts, seq_len, size, window):
+    """([(start, end)], lost): 0..seq_len cut into pieces of at most `size` tokens, each ending at the last
+    document start in reach (`starts`: ascending positions of the tokens that open documents). The rule for a
+    document longer than a piece: it is cut after `size` tokens, and the tokens after a cut that would have
+    seen (within `window`) tokens before it lose that context: `lost` counts them."""
+    starts, pieces, start, lost, lost_until = [0] + sorted(starts) + [seq_len], [], 0, 0, 0
+    while start < seq_len:
+        end = starts[bisect.bisect_right(starts, start + size) - 1]
+        if end <= start:  # no document start in reach: cut inside the document
+            end = start + size
+            next_start = starts[bisect.bisect_right(starts, end - 1)]  # where the cut document ends
+            until = min(end - 1 + window, next_start)  # query i saw key end-1 iff i - (end-1) < window
+            lost, lost_until = lost + max(0, until - max(end, lost_until)), max(lost_until, until)
+        pieces.append((start, end))
+        start = end
+    return pieces, lost
+
+
+def probe_fits(model, args, size, device, tokens=None):
+    """Whether a real forward+backward of `size` sequences (of `tokens` tokens, default seq_len) fits, beside
+    room for the optimizer states.
     `model` is the compiled model training will use: eager needs far more memory (unfused softcap and loss).
     Inputs and targets are two views of one window, as the loader makes them, so training reuses the graph."""
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
     try:
         reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
-        window = torch.zeros(size * args.seq_len + 1, dtype=torch.long, device=device)
+        window = torch.zeros(size * (tokens or args.seq_len) + 1, dtype=torch.long, device=device)
         model(window[:-1].view(size, -1), window[1:].view(size, -1)).backward()
         return True
     except (RuntimeError, MemoryError) as e:
@@ -427,27 +498,105 @@ def probe_fits(model, args, size, device):
         torch.cuda.empty_cache()
 
 
-def choose_device_batch_size(model, args, world_size, device, fits=None):
-    """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
-    all ranks take the smallest choice. On a CPU nothing is probed unless `fits` is given (tests)."""
-    per_device = args.batch_size // world_size
-    candidates = [size for size in range(min(64, per_device), 0, -1) if per_device % size == 0]
-    if fits is None and device.type != "cuda":
-        return candidates[0], "auto on CPU: no memory probe, the largest candidate"
-    fits = fits or (lambda size: probe_fits(model, args, size, device))
-    chosen = next((size for size in candidates if fits(size)), None)
-    if chosen is None:
-        raise ConfigError(
-            f"not even one sequence of {args.seq_len} tokens fits in {device_name(device)}'s memory"
-        )
+def activation_bytes(args, size, device):
+    """What the compiled forward keeps for the backward, estimated: 21 activations of model_dim per layer and
+    the logits, per token (traced with inductor's decompositions: 29-30 GiB at 64x1024 for the 124M model)."""
+    per_value = 2 if device.type == "cuda" else 4  # bf16 on CUDA, fp32 on the CPU
+    return size * args.seq_len * (args.num_layers * 21 * args.model_dim + args.vocab_size) * per_value
+
+
+def smallest_of_all_ranks(chosen, world_size, device):
+    """The smallest of every rank's choice, so all ranks run the same micro-steps; the peak memory counts
+    from here, after the probe."""
     if world_size > 1:
         chosen_tensor = torch.tensor(chosen, device=device)
         dist.all_reduce(chosen_tensor, op=dist.ReduceOp.MIN)
         chosen = int(chosen_tensor)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    return chosen
+
+
+def choose_device_batch_size(model, args, world_size, device, fits=None):
+    """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
+    all ranks take the smallest choice. The probe starts at the largest size the estimate lets fit, so a
+    small card compiles once or twice, not once per size. On a CPU it probes only with --compile (a warm-up
+    that compiles the training graph), or with `fits` (tests)."""
+    per_device = args.batch_size // world_size
+    candidates = [size for size in range(min(64, per_device), 0, -1) if per_device % size == 0]
+    if fits is None and device.type != "cuda" and not args.compile:
+        return candidates[0], "auto on CPU: no memory probe, the largest candidate"
+    estimate = ""
+    if fits is None:
+        state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        free = torch.cuda.mem_get_info(device)[0] - state_bytes if device.type == "cuda" else math.inf
+        candidates = [size for size in candidates if activation_bytes(args, size, device) <= free] or [1]
+        estimate = f"; estimated activations {activation_bytes(args, candidates[0], device) / 2**30:.1f} GiB"
+        estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
+        fits = lambda size: probe_fits(model, args, size, device)  # noqa: E731
+    chosen = next((size for size in candidates if fits(size)), None)
+    if chosen is None:
+        raise ConfigError(
+            f"not even one sequence of {args.seq_len} tokens fits in {device_name(device)}'s memory"
+        )
+    chosen = smallest_of_all_ranks(chosen, world_size, device)
     larger = [size for size in candidates if size > chosen]
-    return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}"
+    return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}{estimate}"
+
+
+def choose_micro_steps(model, args, world_size, device):
+    """Sets --device_batch_size, and --micro_tokens where auto and not one whole sequence fits (cutting them
+    at document starts is exact only under --document_mask); the note for the record, or None."""
+    if args.micro_tokens and args.micro_tokens < args.seq_len:
+        if not args.document_mask:
+            raise ConfigError(
+                f"--micro_tokens={args.micro_tokens} cuts sequences at document starts, exact only under "
+                f"--document_mask; without it use --device_batch_size"
+            )
+        args.device_batch_size = 1  # a micro-step is a piece of one sequence
+    if args.device_batch_size is not None:
+        return None
+    try:
+        args.device_batch_size, reason = choose_device_batch_size(model, args, world_size, device)
+    except ConfigError:
+        if args.micro_tokens is not None or not args.document_mask:
+            raise
+        args.micro_tokens, reason = choose_micro_tokens(model, args, world_size, device)
+        args.device_batch_size, reason = 1, f"{reason}: --micro_tokens={args.micro_tokens}"
+    return f"device_batch_size: {args.device_batch_size} ({reason})"
+
+
+def document_micro_steps(x, y, args, kwargs, window, lost_context=None):
+    """[(inputs, targets, forward kwargs, loss divisor)]: each of this rank's sequences cut at document starts
+    (document_pieces), where no attention crosses; each piece padded to micro_tokens (one static shape: no
+    recompiles) with targets -100 (outside the loss; causal attention keeps the padding out of every real
+    query's view), its rotary positions offset to where it lies, and its loss divided by the rank's tokens
+    over its own: the sums equal the whole sequences' loss and gradients."""
+    steps, size = [], args.micro_tokens
+    for row_x, row_y in zip(x, y):
+        starts = (row_x == args.eot_token).nonzero().flatten().tolist()
+        pieces, lost = document_pieces(starts, args.seq_len, size, window or args.seq_len)
+        for start, end in pieces:
+            pad = (0, size - (end - start))
+            xm = torch.nn.functional.pad(row_x[start:end], pad, value=args.eot_token)
+            ym = torch.nn.functional.pad(row_y[start:end], pad, value=-100)
+            offset = torch.tensor(start, device=x.device)
+            steps.append((xm[None], ym[None], dict(kwargs, offset=offset), x.numel() / (end - start)))
+        if lost_context is not None:
+            lost_context.append(lost)
+    return steps
+
+
+def choose_micro_tokens(model, args, world_size, device, fits=None):
+    """(tokens, note) for --micro_tokens=auto once not one whole sequence fits: the largest seq_len / 2^k (at
+    least 1024) whose micro-step fits, the smallest choice of all ranks."""
+    candidates = [args.seq_len >> k for k in range(1, 32) if args.seq_len >> k >= 1024]
+    fits = fits or (lambda tokens: probe_fits(model, args, 1, device, tokens))
+    chosen = next((tokens for tokens in candidates if fits(tokens)), None)
+    if chosen is None:
+        raise ConfigError(f"not even a micro-step of 1024 tokens fits in {device_name(device)}'s memory")
+    chosen = smallest_of_all_ranks(chosen, world_size, device)
+    return chosen, f"auto: one sequence of {args.seq_len} tokens does not fit; micro-steps of {chosen} do"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,7 +610,8 @@ CHECKPOINT_KEYS |= {"timed_steps", "record"}
 def load_checkpoint(path):
     """The checkpoint dict, loaded safely (weights_only: tensors and plain data, no code)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}")
+        what = "a folder" if os.path.isdir(path) else "a dangling link" if os.path.islink(path) else "nothing"
+        raise CheckpointError(f"no checkpoint at {path}: {what} there")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
@@ -474,22 +624,42 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def load_trained_model(path, cls, build):
+    """(model built by `build(args)` with the checkpoint's weights, its `cls` hyperparameters, its step), for
+    tools such as sample.py; a CheckpointError for anything but a complete checkpoint of finite weights."""
+    checkpoint = load_checkpoint(path)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    try:
+        args = cls(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
+        model = build(args)
+        model.load_state_dict(checkpoint["model"])
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint") from None
+    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad values
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its hyperparameters describe ({first})"
+        ) from None
+    if not all(t.isfinite().all() for t in model.state_dict().values()):
+        raise CheckpointError(
+            f"{path} holds NaN or infinite weights (a diverged run?): use an earlier checkpoint"
+        )
+    return model, args, checkpoint.get("step")
+
+
 def resolve_args(cls, argv, description=""):
-    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under given flags."""
+    """Hyperparameters from the flags; with --resume, the checkpoint's training knobs under given flags.
+
+    A resume may change any flag but the model's shape (refused in one line) and is told so in the record, a
+    `resume_changes:` note per training flag that differs from the checkpoint's. --batch_size and --seq_len
+    continue at the very token the checkpoint stopped at, in windows of the new size; a changed --input_bin
+    continues at the same shard number and token of the files it matches, refused in one line (by the loader)
+    when they have fewer shards or a shorter shard: never a silent start over at token 0 of other data."""
     flags = parse_flags(cls, argv, description)
     if not flags.get("resume"):
-        return cls(**flags), None
+        return with_recipe(cls, flags), None
     path = flags["resume"]
-    if path == "latest":
-        run_name = flags.get("run_name", cls.run_name)
-        folder = os.path.join(flags.get("checkpoint_dir", cls.checkpoint_dir), run_name)
-        paths = glob.glob(os.path.join(glob.escape(folder), "*.pt"))
-        if not paths:
-            raise CheckpointError(
-                f"--resume=latest found no checkpoint of --run_name={run_name} in {folder}/"
-            )
-        path = max(paths, key=os.path.getmtime)
-    checkpoint = load_checkpoint(path)
+    path, checkpoint = latest_checkpoint(cls, flags) if path == "latest" else (path, load_checkpoint(path))
     shape = fields_of_kind(cls, "shape")
     missing = CHECKPOINT_KEYS - checkpoint.keys() or set(shape) - checkpoint["hyperparameters"].keys()
     if missing:
@@ -498,7 +668,7 @@ def resolve_args(cls, argv, description=""):
         )
     known = {f.name for f in dataclasses.fields(cls)} - set(fields_of_kind(cls, "machine"))
     inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
-    args = cls(**{**inherited, **flags, "resume": path})
+    args = with_recipe(cls, {**flags, "resume": path}, inherited)
     for name in shape:
         if getattr(args, name) != inherited[name]:
             raise CheckpointError(
@@ -510,12 +680,69 @@ def resolve_args(cls, argv, description=""):
             f"{path} is at step {checkpoint['step']}: nothing to train up to "
             f"--num_iterations={args.num_iterations}; raise it to continue"
         )
+    checkpoint["notes"] = checkpoint.get("notes", []) + [  # for the record: build_run adds them
+        f"resume_changes: --{name}={flag_text(getattr(args, name))} (the checkpoint's: {flag_text(old)})"
+        for name, old in inherited.items()
+        if getattr(args, name) != old and name not in OUTPUT_FLAGS
+    ]
     return args, checkpoint
 
 
+# flags that change where and how often a run reports and saves, never what it trains: no resume note
+OUTPUT_FLAGS = {"run_name", "records_dir", "checkpoint_dir", "save_every", "save_every_minutes"}
+OUTPUT_FLAGS |= {"keep_checkpoints", "progress_seconds", "val_loss_every"}
+
+
+def checkpoints_by_step(folder):
+    """The *.pt entries of `folder`, highest step (in save_checkpoint's names) first, newest first among
+    equals; names without a step last. Entries, not files: a folder or a dangling link is among them."""
+    try:
+        names = [name for name in os.listdir(folder) if name.endswith(".pt")]
+    except OSError:
+        return []
+    steps = [int(m[1]) if (m := re.search(r"-step(\d+)\.pt$", name)) else -1 for name in names]
+    paths = [os.path.join(folder, name) for name in names]
+    order = sorted(zip(steps, [os.lstat(p).st_mtime for p in paths], paths), reverse=True)
+    return [path for *_, path in order]
+
+
+def latest_checkpoint(cls, flags):
+    """--resume=latest: (path, checkpoint) of the highest step among this run_name's readable checkpoints,
+    its earlier parts' included; each broken one skipped is named on stderr and in the record."""
+    run_name = flags.get("run_name", cls.run_name)
+    folder = os.path.join(flags.get("checkpoint_dir", cls.checkpoint_dir), run_name)
+    skipped = []
+    for path in checkpoints_by_step(folder):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as e:
+            skipped.append(f"resume_skipped: {e}")
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"train_gpt2.py: --resume=latest skips a broken checkpoint: {e}", file=sys.stderr)
+            continue
+        checkpoint["notes"] = skipped
+        return path, checkpoint
+    raise CheckpointError(
+        f"--resume=latest found no {'readable ' if skipped else ''}checkpoint of --run_name={run_name} in "
+        f"{folder}/{f' ({len(skipped)} broken: {skipped[0][16:]})' if skipped else ''}"
+    )
+
+
+def prune_checkpoints(path, keep):
+    """Keep the checkpoint just written and the `keep` - 1 others of this run_name with the highest steps, the
+    run's earlier parts' (before a resume) included; delete the rest. Only files named as save_checkpoint
+    names them are ever deleted."""
+    others = [p for p in checkpoints_by_step(os.path.dirname(path)) if p != path]
+    for other in others[keep - 1 :]:
+        if re.fullmatch(r"\d{6}-[0-9a-f]{8}-step\d{6,}\.pt", os.path.basename(other)) and (
+            os.path.isfile(other) or os.path.islink(other)
+        ):
+            os.remove(other)
+
+
 def save_checkpoint(run, step, record):
-    """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0, which returns
-    its path; a failure to write it ends every rank (agreed by an all-reduce), so none waits."""
+    """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0, which prunes
+    older ones and returns its path; a failure to write it ends every rank (agreed by an all-reduce)."""
     name = f"{run.run_id}-step{step:06d}.pt"
     path = os.path.join(run.args.checkpoint_dir, run.args.run_name, name) if run.rank == 0 else None
     state = dict(
@@ -537,12 +764,11 @@ def save_checkpoint(run, step, record):
     error = None
     try:
         if path is not None:  # ranks other than 0 only take part in the momentum gather
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # deleted mid-run: made again
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)  # never a half-written file under the final name
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as some RuntimeError of its own
-        full = (
-            getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(os.path.dirname(path)).free < 2**20
-        )
+        full = getattr(e, "errno", None) == errno.ENOSPC or free_bytes(os.path.dirname(path)) < 2**20
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         error = output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e)))
@@ -551,6 +777,8 @@ def save_checkpoint(run, step, record):
         dist.all_reduce(failed)
     if failed.item():
         raise error or PeerFailure("rank 0 could not write the checkpoint")
+    if path is not None:
+        prune_checkpoints(path, run.args.keep_checkpoints)
     return path
 
 
@@ -576,16 +804,31 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
         group.update(
             setting
         )  # this run's lrs, betas and fused kernel; load_state_dict brought the saved ones
+    broken = [
+        name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()
+    ]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite weights ({broken[0]}{' and more' if broken[1:] else ''}): "
+            f"the run had diverged when it was saved; resume from an earlier checkpoint"
+        )
     train_loader.seek(**data)
     return step, Clock(train_loader.device, train_ms, timed_steps)
 
 
-def prune_checkpoints(saved, keep):
-    """Delete all but the newest `keep` of this run's checkpoints (never the one just written: keep >= 1)."""
-    for path in saved[:-keep]:
-        if path and os.path.exists(path):
-            os.remove(path)
-    return saved[-keep:]
+def free_bytes(folder):
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:  # the folder is gone
+        return math.inf
+
+
+def save_due(args, step, last_save):
+    """Whether --save_every or --save_every_minutes asks for a checkpoint after `step`."""
+    every_steps = bool(args.save_every and step % args.save_every == 0)
+    return every_steps or bool(
+        args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,15 +844,21 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: before training, stop at once; during it, checkpoint and stop at the next step
-    boundary (a Ctrl-C more than 5 s later aborts at once: torchrun's forwarded copy of the first is
-    not a second); once the record is closed, exit at once without a traceback."""
+    """SIGINT, SIGTERM and every other signal that means "end now" without meaning "lose the work" (SIGHUP:
+    SSH dropped or terminal closed; SIGUSR1: a scheduler's warning; SIGQUIT): before training, stop at once;
+    during it, checkpoint and stop at the next step boundary, exit 128 + n (a Ctrl-C more than 5 s later
+    aborts at once: torchrun's forwarded copy of the first is not a second); once the record is closed,
+    exit at once without a traceback."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
+
+    started, deadline, planned = time.monotonic(), math.inf, ""  # plan() sets them for this run
 
     def __init__(self):
         self.signal, self.since, self.previous, self.phase = None, 0.0, {}, "start-up"
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -629,6 +878,33 @@ class StopRequest:
         elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
             raise Interrupted(signum, "a second time: stopped at once, no checkpoint")
 
+    def plan(self, args):
+        """A planned stop: --max_hours after now, or the next --stop_at HH:MM of the local clock."""
+        self.started, self.deadline = time.monotonic(), math.inf
+        if args.max_hours:
+            self.deadline, self.planned = (
+                self.started + 3600 * args.max_hours,
+                f"--max_hours={args.max_hours}",
+            )
+        if args.stop_at:
+            now = datetime.now()
+            at = now.replace(
+                hour=int(args.stop_at[:2]), minute=int(args.stop_at[3:]), second=0, microsecond=0
+            )
+            at += timedelta(days=at <= now)  # the next such time
+            if self.started + (at - now).total_seconds() < self.deadline:
+                self.deadline, self.planned = (
+                    self.started + (at - now).total_seconds(),
+                    f"--stop_at={args.stop_at}",
+                )
+
+    def requested(self):
+        """A signal came, or the planned stop time has passed: stop at this step boundary."""
+        return self.signal is not None or time.monotonic() >= self.deadline
+
+    def reason(self):
+        return signal.Signals(self.signal).name if self.signal else f"{self.planned} reached"
+
 
 def first_failure(error, rank, world_size):
     """Why the run failed, agreed in the process group's store. Only a rank that failed itself posts its
@@ -646,24 +922,86 @@ def first_failure(error, rank, world_size):
         return reason
 
 
-def finish_record(log, stopped, latest, run):
-    """The record's last lines, `stopped:` and `summary:`."""
-    lines = ([f"stopped: {stopped}"] if stopped else []) + [
-        f"summary: final_val_loss:{latest.val_loss:.4f} {run.clock} "
-        f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size} "
-        f"device:{device_name(run.device)}"
+def continue_command(run):
+    """The command that continues a stopped run: its launcher, and the flags a resume does not inherit."""
+    args, local = run.args, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    launcher = [sys.executable if "TORCHELASTIC_RUN_ID" not in os.environ else "torchrun"]
+    if launcher == ["torchrun"]:
+        launcher += ["--standalone"] if local == run.world_size else [f"--nnodes={run.world_size // local}"]
+        launcher += [f"--nproc_per_node={local}"]
+    names = ["run_name", "records_dir", "checkpoint_dir", *fields_of_kind(type(args), "machine")]
+    names = [name for name in names if name not in ("resume", "stop_at", "max_hours")]  # the user's to choose
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    flags = [
+        f"--{name}={flag_text(getattr(args, name))}"
+        for name in names
+        if getattr(args, name) != defaults[name]
     ]
-    for line in lines:
+    return shlex.join([*launcher, sys.argv[0], "--resume=latest", *flags])
+
+
+def summary_line(latest, run, stop, finished):
+    """`key:value` fields only: tools split on them. A stopped run has a last val loss, never a final one."""
+    clock, fields = run.clock, []
+    if finished:
+        fields.append(f"final_val_loss:{latest.val_loss:.4f}")
+    elif latest.val_step is not None:
+        fields.append(f"last_val_loss:{latest.val_loss:.4f} last_val_step:{latest.val_step}")
+    fields.append(f"train_time:{clock.train_ms:.0f}ms")
+    if clock.timed_steps:
+        fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms")
+    startup = (clock.first_started or time.monotonic()) - stop.started  # flags to the first timed step
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if run.args.compile else 0
+    fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
+    fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size}")
+    return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"
+
+
+def finish_record(log, stopped, latest, run, stop):
+    """The record's last lines, `stopped:` and `summary:`."""
+    lines = [f"stopped: {stopped}"] if stopped else []
+    for line in lines + [summary_line(latest, run, stop, finished=not stopped)]:
         log(line)  # on the console too, where it survives a full disk
     log.close()
 
 
+def data_error_saved(error, step):
+    return ShardError(
+        f"{error} (at step {step}: checkpoint saved; resume with --resume=latest once it is fixed)"
+    )
+
+
+def raise_data_error(run, step):
+    """At a stop every rank agreed on at `step`, its checkpoint saved: a data error that any rank's loader
+    met ends the run, raised on the rank that met it (which names it) and as a peer failure on the others."""
+    error = run.train_loader.error
+    failed = torch.tensor(float(error is not None), device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(failed)
+    if error:
+        raise data_error_saved(error, step)
+    if failed.item():
+        raise PeerFailure("another rank met a data error")
+
+
+def save_before_data_error(error, run, log, step):
+    try:
+        log(f"checkpoint: {save_checkpoint(run, step, log.path)}")
+        return data_error_saved(error, step)
+    except TrainError as e:
+        return ShardError(f"{error} (no checkpoint: {e})")
+
+
 def train_to_the_end(train, run, log, stop):
-    """train(run, log, stop, latest), then the record's last lines whatever ended it; the exit status."""
+    """train(run, log, stop, latest), then the record's last lines whatever ended it; the exit status.
+    A data error the loop did not save before (a deleted val shard) is saved here on a single rank: the
+    model is whole, at the last finished step. Several ranks cannot agree on it safely: they end unsaved."""
     latest, error, stopped = Latest(step=run.start_step), None, None
     try:
         stopped = train(run, log, stop, latest)
     except BaseException as e:
+        if isinstance(e, ShardError) and run.world_size == 1 and latest.step > run.start_step:
+            e = e if "checkpoint saved" in str(e) else save_before_data_error(e, run, log, latest.step)
         if isinstance(e, torch.OutOfMemoryError):
             e = TrainError(
                 f"out of GPU memory: --device_batch_size={run.args.device_batch_size} does not fit in "
@@ -673,12 +1011,16 @@ def train_to_the_end(train, run, log, stop):
         error = e if run.world_size == 1 or stopped.startswith(f"rank {run.rank} ") else TrainError(stopped)
     finally:
         stop.phase = "finishing"
-        finish_record(log, stopped, latest, run)
+        if stopped and error is None:
+            stopped += f"; continue with: {continue_command(run)}"
+        finish_record(log, stopped, latest, run, stop)
         stop.phase = "shutdown"
-        vars(run).clear()  # DDP holds the process group: freed at exit, gloo aborted 5 of 150 two-rank runs
+        # DDP holds the process group: freed only at interpreter exit, gloo aborted 5 of 150 two-rank runs
+        vars(run).clear()
+        gc.collect()  # DDP's reference cycles too
     if error or log.error:
         raise error or log.error
-    return 128 + (stop.signal or signal.SIGTERM) if stopped else 0
+    return 128 + stop.signal if stop.signal else 0  # a planned stop (--stop_at, --max_hours) is no failure
 
 
 def main(run, argv):
@@ -695,9 +1037,6 @@ def main(run, argv):
         rank = int(os.environ.get("RANK", 0))
         raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
     except Interrupted as e:
-        print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
+        with suppress(OSError):  # a terminal that hung up
+            print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-
-
-def signal_name(signum):
-    return signal.Signals(signum or signal.SIGTERM).name

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import harness
@@ -35,23 +36,49 @@ RUN_NAME = (
     lambda v: re.fullmatch(r"\w[\w.-]*", v),
     "takes letters, digits, '.', '_' and '-', and starts with a letter or digit",
 )
+CLOCK_TIME = (lambda v: not v or re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v), "takes HH:MM, 00:00 to 23:59")
 DEVICES = (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
+
+# The public 8xH100 records (RECIPE.md): the flag defaults each sets over the fields' own (8 Nov's).
+U_NET = dict(unet_skips=True, embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, muon_lr=0.04)  # 10 Nov: 2x lr
+LONG = dict(U_NET, batch_size=8, seq_len=65536, document_mask=True)  # 19 Nov: one 64K sequence per H100
+RECIPES = {
+    "2024-11-08": {},
+    "2024-11-10": dict(U_NET, num_iterations=3000, warmdown_iters=900),
+    "2024-11-19": dict(LONG, window_tokens=1024, num_iterations=1875, warmdown_iters=562),
+    "2024-11-24": dict(LONG, window_tokens=1792, window_warmup_start=64, adam_beta1=0.8, muon_lr=0.05)
+    | dict(num_iterations=1750, warmdown_iters=640, muon_momentum_warmup_steps=300),
+}
+PUBLISHED = {  # 8xH100 train time, tokens and final val loss
+    "2024-11-08": "7.79 min, 1.70B tokens, 3.2781",
+    "2024-11-10": "7.23 min, 1.57B tokens, 3.2753",
+    "2024-11-19": "5.03 min, 0.98B tokens, 3.2783",
+    "2024-11-24": "4.66 min, 0.92B tokens, 3.2770 (mean of 7 runs)",
+}
+RECIPE = (lambda v: v in RECIPES, f"must be one of {', '.join(RECIPES)}")
 
 
 @dataclass
 class Hyperparameters:
+    RECIPES = RECIPES  # not a field: harness.resolve_args puts the chosen recipe's defaults under the flags
     input_bin: str = knob("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
     input_val_bin: str = knob("data/fineweb10B/fineweb_val_*.bin", "glob of val shards (the first is used)")
+    recipe: str = knob(
+        "2024-11-08",
+        "the record whose flag defaults this run takes (flags beside it override them); published: "
+        + "; ".join(f"{name}: {published}" for name, published in PUBLISHED.items()),
+        RECIPE,
+    )
     batch_size: int = knob(512, "sequences per optimizer step, over all devices and micro-steps", POSITIVE)
     seq_len: int = knob(1024, "tokens per sequence", POSITIVE)
     num_iterations: int = knob(3242, "optimizer steps", POSITIVE)
     warmdown_iters: int = knob(926, "last steps, over which every lr decays linearly to 0", NON_NEGATIVE)
-    embed_lr: float = knob(0.3, "Adam lr of the token embedding", POSITIVE)
-    head_lr: float = knob(0.002, "Adam lr of the lm head", POSITIVE)
-    scalar_lr: float = knob(0.02, "Adam lr of the value-residual and x0-mixing scalars", POSITIVE)
+    embed_lr: float = knob(0.3, "Adam lr of the token embedding", harness.LEARNING_RATE)
+    head_lr: float = knob(0.002, "Adam lr of the lm head", harness.LEARNING_RATE)
+    scalar_lr: float = knob(0.02, "Adam lr of the value-residual, x0-mixing scalars", harness.LEARNING_RATE)
     adam_beta1: float = knob(0.9, "Adam beta1, all Adam groups", FRACTION)
     adam_beta2: float = knob(0.95, "Adam beta2, all Adam groups", FRACTION)
-    muon_lr: float = knob(0.02, "Muon lr of the 2-D block matrices", POSITIVE)
+    muon_lr: float = knob(0.02, "Muon lr of the 2-D block matrices", harness.LEARNING_RATE)
     muon_momentum: float = knob(0.95, "Muon Nesterov momentum after warmup", FRACTION)
     muon_momentum_start: float = knob(0.85, "Muon momentum at step 0, warmed up linearly (-0.013)", FRACTION)
     muon_momentum_warmup_steps: int = knob(500, "steps of the Muon momentum warmup", NON_NEGATIVE)
@@ -61,14 +88,21 @@ class Hyperparameters:
     model_dim: int = knob(768, "residual stream width", POSITIVE, "shape")
     num_heads: int = knob(6, "attention heads (head dim = model_dim / num_heads)", POSITIVE, "shape")
     mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE, "shape")
-    rope_base: float = knob(10000.0, "rotary embedding base", POSITIVE)
-    logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", POSITIVE)
+    rope_base: float = knob(10000.0, "rotary embedding base", harness.AT_LEAST_ONE)
+    logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", harness.AT_LEAST_ONE)
+    unet_skips: bool = knob(False, "decoder block n/2+i adds s_i x block n/2-1-i's output (10 Nov)")
+    document_mask: bool = knob(False, "attention stays inside documents, each opened by eot_token (19 Nov)")
+    eot_token: int = knob(50256, "the token that opens each document: GPT-2's <|endoftext|>", NON_NEGATIVE)
+    window_tokens: int = knob(0, "sliding window: query i sees keys j > i - W (19 Nov); 0: all", NON_NEGATIVE)
+    window_warmup_start: int = knob(
+        0, "the window at step 0, grown by it to window_tokens at the end (24 Nov); 0: fixed", NON_NEGATIVE
+    )
     val_loss_every: int = knob(
         125, "validate every this many steps, at 0 and at the end; 0: the end", NON_NEGATIVE
     )
     val_tokens: int = knob(10485760, "validation tokens, from the start of the val shard", POSITIVE)
     untimed_steps: int = knob(10, "first steps left out of train_time (compilation, warmup)", NON_NEGATIVE)
-    seed: int = knob(0, "seed of weight init")
+    seed: int = knob(0, "seed of weight init", harness.SEED)
     run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/", RUN_NAME)
     records_dir: str = knob("records", "where run logs are written")
     checkpoint_dir: str = knob("checkpoints", "where checkpoints go (outside records/: they are large)")
@@ -80,9 +114,18 @@ class Hyperparameters:
     device_batch_size: int | None = knob(
         None, "sequences per micro-step; auto: most that fit", POSITIVE, "machine"
     )
+    micro_tokens: int | None = knob(  # one 64K sequence on a 24 GB card: harness.document_micro_steps
+        None, "micro-step tokens (sequences cut where documents start); auto: as needed", POSITIVE, "machine"
+    )
     compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
     memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
     resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "machine")
+    stop_at: str = knob(
+        "", "checkpoint and stop at the next HH:MM (local time); exit 0", CLOCK_TIME, "machine"
+    )
+    max_hours: float = knob(
+        0.0, "checkpoint and stop after this many hours; exit 0; 0 = off", NON_NEGATIVE, "machine"
+    )
 
     def __post_init__(self):
         harness.check_fields(self)
@@ -99,6 +142,12 @@ class Hyperparameters:
                 f"--val_tokens={self.val_tokens} must be a multiple of batch_size*seq_len "
                 f"= {self.batch_size * self.seq_len}"
             )
+        if self.window_warmup_start and not 0 < self.window_warmup_start <= self.window_tokens:
+            raise ConfigError(
+                f"--window_warmup_start={self.window_warmup_start} needs a --window_tokens at least as large"
+            )
+        if self.document_mask and not self.eot_token < self.vocab_size:
+            raise ConfigError(f"--eot_token={self.eot_token} is not below --vocab_size={self.vocab_size}")
 
     def grad_accum_steps(self, world_size):
         """Micro-steps per optimizer step that keep the global batch exact on this many devices."""
@@ -118,11 +167,8 @@ class Hyperparameters:
 # ----------------------------------------------------------------------------------------------
 # Optimizer: Muon for the 2-D block matrices (Adam, from torch, for the rest)
 
-NS_COEFFICIENTS = (
-    3.4445,
-    -4.7750,
-    2.0315,
-)  # quintic tuned to push all singular values into ~[0.7, 1.2] fast (Muon)
+# The quintic's coefficients, tuned to push every singular value into about [0.7, 1.2] fast (Muon)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_orthogonalize(grad, steps, dtype):
@@ -146,20 +192,10 @@ class Muon(torch.optim.Optimizer):
     (zeros except each owner's slices, so the sum is exact) hands every rank every update.
     """
 
-    def __init__(
-        self,
-        params,
-        lr,
-        momentum,
-        ns_steps,
-        rank,
-        world_size,
-        ns_dtype,
-        orthogonalize=newton_schulz_orthogonalize,
-    ):
+    def __init__(self, params, lr, momentum, ns_steps, rank, world_size, ns_dtype):
         super().__init__(params, dict(lr=lr, momentum=momentum))
         self.ns_steps, self.rank, self.world_size, self.ns_dtype = ns_steps, rank, world_size, ns_dtype
-        self.orthogonalize = orthogonalize
+        self.orthogonalize = newton_schulz_orthogonalize  # build_optimizers swaps in the compiled one
 
     def _owned(self, params):
         return range(self.rank, len(params), self.world_size)
@@ -228,18 +264,43 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-def rotary_cos_sin(seq_len, head_dim, base, dtype, device):
-    """cos and sin of the rotary angles, computed in fp32 (no buffer a dtype cast could reach), then cast."""
+def rotary_cos_sin(seq_len, head_dim, base, dtype, device, offset=None):
+    """cos and sin of the rotary angles, computed in fp32 (no buffer a dtype cast could reach), then cast;
+    `offset` (a tensor) is the position of token 0 in its sequence, for a micro-step cut out of it."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)[
-        None, :, None, :
-    ]
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    if offset is not None:  # whole numbers below 2^24 are exact in fp32: the whole sequence's angles
+        positions = positions + offset
+    angles = torch.outer(positions, inv_freq)[None, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x, cos, sin):  # x: (batch, seq, heads, head_dim); rotates the two halves of head_dim
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def flex_block_mask(docs, window):
+    """FlexAttention's block mask (CUDA, compiled) of the rule below; `window` is a tensor: no recompiles."""
+
+    def document_causal_window(b, h, q, k):
+        return (k <= q) & (q - k < window) & (docs[b, q] == docs[b, k])
+
+    batch, seq = docs.shape
+    return create_block_mask(document_causal_window, batch, None, seq, seq, device=docs.device)
+
+
+def chunked_masks(docs, window, chunk):
+    """The same attention as SDPA masks (the CPU, or CUDA uncompiled): query i sees key j iff j <= i, both in
+    one document and i - j < window. Chunks of chunk >= window - 1 queries see only their own and the previous
+    chunk's keys, exactly, so a 64K sequence needs no 64K x 64K mask. [(query slice, key slice, mask)]."""
+    seq, positions, masks = docs.size(1), torch.arange(docs.size(1), device=docs.device), []
+    for start in range(0, seq, chunk):
+        q, k = slice(start, min(start + chunk, seq)), slice(max(0, start - chunk), min(start + chunk, seq))
+        i, j = positions[q, None], positions[None, k]
+        mask = (j <= i) & (i - j < window) & (docs[:, q, None] == docs[:, None, k])
+        masks.append((q, k, mask[:, None]))  # one mask for every head
+    return masks
 
 
 class CausalSelfAttention(nn.Module):
@@ -249,22 +310,31 @@ class CausalSelfAttention(nn.Module):
         self.q, self.k, self.v, self.out_proj = (CastedLinear(dim, dim) for _ in range(4))
         self.value_residual_lambda = nn.Parameter(torch.empty(()))
 
-    def forward(self, x, v1, rotary):
+    def forward(self, x, v1, rotary, mask=None):
         batch, seq, dim = x.shape
         q, k, v = (proj(x).view(batch, seq, self.num_heads, -1) for proj in (self.q, self.k, self.v))
         if v1 is None:
             v1 = v  # block 0 supplies the first-layer values every later block mixes in
         lam = self.value_residual_lambda
-        v = (
-            1 - lam
-        ) * v + lam * v1  # value residual learning (Zhou et al., 2024): -0.021 val loss in the recipe
+        # value residual learning (Zhou et al., 2024): -0.021 val loss in the recipe
+        v = (1 - lam) * v + lam * v1
         q, k = (
             apply_rotary(rms_norm(q), *rotary),
             apply_rotary(rms_norm(k), *rotary),
         )  # QK-norm: bounded logits
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif isinstance(mask, list):  # chunked_masks
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(q[:, :, a], k[:, :, b], v[:, :, b], attn_mask=m)
+                    for a, b, m in mask
+                ],
+                2,
+            )
+        else:
+            y = flex_attention(q, k, v, block_mask=mask)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, dim)), v1
 
 
@@ -284,24 +354,29 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_ratio * dim)
         self.x0_mixing = nn.Parameter(torch.empty(2))
 
-    def forward(self, x, v1, x0, rotary):
-        x = (
-            self.x0_mixing[0] * x + self.x0_mixing[1] * x0
-        )  # re-inject the embedding: -0.009 val loss in the recipe
-        y, v1 = self.attn(rms_norm(x), v1, rotary)
+    def forward(self, x, v1, x0, rotary, mask=None):
+        # re-inject the embedding: -0.009 val loss in the recipe
+        x = self.x0_mixing[0] * x + self.x0_mixing[1] * x0
+        y, v1 = self.attn(rms_norm(x), v1, rotary, mask=mask)
         x = x + y
         return x + self.mlp(rms_norm(x)), v1
 
 
+ATTENTION_CHUNK = 2048  # queries per SDPA call of the masked attention off FlexAttention: 2048 x 4096 masks
+
+
 class GPT(nn.Module):
-    def __init__(self, vocab_size, num_layers, model_dim, num_heads, mlp_ratio, rope_base, logit_softcap):
+    def __init__(
+        self, vocab_size, num_layers, model_dim, num_heads, mlp_ratio, rope_base, logit_softcap, **parts
+    ):
         super().__init__()
         self.logit_softcap, self.rope_base, self.head_dim = logit_softcap, rope_base, model_dim // num_heads
+        self.document_mask, self.eot_token = parts.get("document_mask", False), parts.get("eot_token", 50256)
+        self.window_tokens = parts.get("window_tokens", 0)  # the last step's window: a forward without one
         self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio) for _ in range(num_layers))
-        self.lm_head = CastedLinear(
-            model_dim, vocab_size
-        )  # untied from the embedding: +38.6M params, no extra FLOPs
+        self.skip_weights = nn.Parameter(torch.empty(num_layers // 2)) if parts.get("unet_skips") else None
+        self.lm_head = CastedLinear(model_dim, vocab_size)  # untied from the embedding: +38.6M params
         self.reset_parameters()
 
     @classmethod
@@ -314,6 +389,10 @@ class GPT(nn.Module):
             args.mlp_ratio,
             args.rope_base,
             args.logit_softcap,
+            unet_skips=args.unet_skips,
+            document_mask=args.document_mask,
+            eot_token=args.eot_token,
+            window_tokens=args.window_tokens,
         )
 
     @torch.no_grad()
@@ -328,27 +407,45 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.down.weight)
             block.attn.value_residual_lambda.fill_(0.5)
             block.x0_mixing.copy_(torch.tensor([1.0, 0.0]))
+        if self.skip_weights is not None:
+            self.skip_weights.fill_(1.0)  # U-net skips start as plain additions (10 Nov)
         nn.init.zeros_(self.lm_head.weight)  # uniform prediction at step 0: loss = ln(vocab_size)
 
-    def forward(self, idx, targets=None):
+    def attention_mask(self, idx, window):
+        """None: plain causal attention; else the document-causal sliding-window mask of `idx`."""
+        if not (self.document_mask or self.window_tokens):
+            return None
+        # document id = running count of EOTs up to and including a token: each EOT opens its document
+        docs = (idx == self.eot_token).cumsum(1) if self.document_mask else torch.zeros_like(idx)
+        if window is None:
+            window = torch.tensor(self.window_tokens or idx.size(1), device=idx.device)
+        if idx.is_cuda and torch.compiler.is_compiling():
+            return flex_block_mask(docs, window)
+        return chunked_masks(docs, window, max(int(window) - 1, ATTENTION_CHUNK))
+
+    def forward(self, idx, targets=None, window=None, offset=None):
+        """Mean loss over targets (-100: padding, left out), or logits; `window` and `offset` are tensors: the
+        step's attention window (default: the last step's) and the rotary position of idx's first token."""
         x = x0 = rms_norm(self.embed(idx))  # norm right after the embedding
-        rotary = rotary_cos_sin(
-            idx.size(1), self.head_dim, self.rope_base, x.dtype, idx.device
-        )  # once per forward
-        v1 = None
-        for block in self.blocks:
-            x, v1 = block(x, v1, x0, rotary)
+        rotary = rotary_cos_sin(idx.size(1), self.head_dim, self.rope_base, x.dtype, idx.device, offset)
+        v1, mask, skips = None, self.attention_mask(idx, window), []
+        half = len(self.blocks) // 2 if self.skip_weights is not None else 0
+        for index, block in enumerate(self.blocks):
+            if index >= len(self.blocks) - half:  # U-net (10 Nov): decoder block n-half+i gets block half-1-i
+                x = x + self.skip_weights[index - (len(self.blocks) - half)] * skips.pop()
+            x, v1 = block(x, v1, x0, rotary, mask=mask)
+            if index < half:
+                skips.append(x)
         logits = self.lm_head(rms_norm(x))
-        logits = self.logit_softcap * torch.tanh(
-            logits / self.logit_softcap
-        )  # soft-capping (Gemma 2): -0.005
+        # soft-capping (Gemma 2): -0.005 val loss in the recipe
+        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if targets is None:
             return logits.float()
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
 def compute_dtype(device):
-    """The one precision switch: bf16 on CUDA (the recipe's casts), fp32 on CPU (25-75x faster there)."""
+    """The one precision switch: bf16 on CUDA (the recipe's casts), fp32 on a CPU (bf16: 25-75x slower)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
@@ -361,9 +458,7 @@ def cast_model(model, dtype):
     return model
 
 
-INDUCTOR_OPTIONS = {
-    "coordinate_descent_tuning": True
-}  # the 8 Nov record's setting: tunes each kernel's launch
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # the 8 Nov record's: tunes each kernel's launch
 
 
 def compile_model(model):
@@ -374,6 +469,7 @@ def build_optimizers(model, args, rank, world_size, device):
     """Adam for embedding, head and scalars; Muon for every 2-D matrix inside the blocks. No weight decay."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.blocks.parameters() if p.ndim < 2]
+    scalars += [] if model.skip_weights is None else [model.skip_weights]  # U-net weights: scalar Adam
     adam = torch.optim.Adam(
         [
             dict(params=[model.embed.weight], lr=args.embed_lr),
@@ -406,8 +502,8 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 
 
-def read_shard(path):
-    """The tokens of one shard as a read-only uint16 memmap, after checking its header against its size."""
+def shard_size(path):
+    """The token count of one shard, after checking its header against its size."""
     try:
         header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
     except OSError as e:
@@ -430,7 +526,24 @@ def read_shard(path):
             f"{path}: header says {num_tokens} tokens ({HEADER_BYTES + 2 * num_tokens} bytes) but the "
             f"file has {size} bytes: truncated or corrupt, download or tokenize it again"
         )
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    return num_tokens
+
+
+def read_tokens(path, start, count):
+    """`count` tokens from token `start`, by a positioned read (no memory map: a shard that shrinks or
+    vanishes under the run is a ShardError, never a bus error)."""
+    try:
+        tokens = np.fromfile(path, dtype=np.uint16, count=count, offset=HEADER_BYTES + 2 * start)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read it ({e.strerror}): deleted or moved during the run?") from None
+    if tokens.size < count:
+        raise ShardError(f"{path}: ends before token {start + count}: it shrank during the run; restore it")
+    return tokens
+
+
+def read_shard(path):
+    """All the tokens of one shard (the loader reads only windows)."""
+    return read_tokens(path, 0, shard_size(path))
 
 
 class ShardLoader:
@@ -446,12 +559,10 @@ class ShardLoader:
             )
         self.seq_len, self.rank, self.device, self.vocab_size = seq_len, rank, device, vocab_size
         self.step_tokens, self.rank_tokens = batch_size * seq_len, batch_size * seq_len // world_size
-        self.steps_per_pass, self.checked = (
-            0,
-            set(),
-        )  # steps before the stream starts over; shards vocab-checked
+        # steps before the stream starts over; shards vocab-checked; a data error met by prefetch()
+        self.steps_per_pass, self.checked, self.error = 0, set(), None
         for path in self.files:
-            tokens = len(read_shard(path))
+            tokens = shard_size(path)
             if tokens < self.step_tokens + 1:
                 raise ShardError(
                     f"{path}: {tokens} tokens is fewer than one global batch "
@@ -471,17 +582,18 @@ class ShardLoader:
                 f"pattern here: download the same shards (python data/cached_fineweb10B.py)"
             )
         self.shard_index, self.position, self.pending = shard_index, position, None
-        self.tokens = read_shard(self.files[shard_index])
-        if (
-            shard_index not in self.checked
-        ):  # once per shard: an id past the vocab is a device-side assert on CUDA
-            if self.tokens.max() >= self.vocab_size:
-                first = int(np.argmax(self.tokens >= self.vocab_size))
+        path, self.shard_tokens = self.files[shard_index], shard_size(self.files[shard_index])
+        if position >= self.shard_tokens:  # never a silent start over on other data
+            raise ShardError(f"{path} ends before token {position}, where the run continues: other data?")
+        for start in range(0, self.shard_tokens, 2**24) if shard_index not in self.checked else ():
+            chunk = read_tokens(path, start, min(2**24, self.shard_tokens - start))  # once per shard, 32 MiB
+            if chunk.max() >= self.vocab_size:  # an id past the vocab is a device-side assert on CUDA
+                first = int(np.argmax(chunk >= self.vocab_size))
                 raise ShardError(
-                    f"{self.files[shard_index]}: token {first} is id {self.tokens[first]}, not below "
+                    f"{path}: token {start + first} is id {chunk[first]}, not below "
                     f"--vocab_size={self.vocab_size}: data of another tokenizer?"
                 )
-            self.checked.add(shard_index)
+        self.checked.add(shard_index)
 
     def state(self):
         """Where the next batch starts (a prefetched batch is not consumed yet): what a checkpoint stores."""
@@ -489,23 +601,27 @@ class ShardLoader:
 
     def next_batch(self):
         """This rank's (inputs, targets) for one optimizer step, each of shape (batch_size/world, seq_len)."""
+        if self.error:
+            raise self.error
         (_, batch), self.pending = self.pending or (None, self._load()), None
         return batch
 
     def prefetch(self):
-        """Load the next batch now, while the device is still busy with this step."""
-        self.pending = (self.state(), self._load())
+        """Load the next batch now, while the device is still busy with this step. A data error waits in
+        `error`, the state still before the batch, so that the step's model can be saved first."""
+        try:
+            self.pending = (self.state(), self._load())
+        except ShardError as e:
+            self.error = e
 
     def _load(self):
-        if self.position + self.step_tokens + 1 > len(self.tokens):
+        if self.position + self.step_tokens + 1 > self.shard_tokens:
             self.seek((self.shard_index + 1) % len(self.files), 0)
         start = self.position + self.rank * self.rank_tokens
-        window = torch.from_numpy(self.tokens[start : start + self.rank_tokens + 1].astype(np.int64))
-        self.position += self.step_tokens
+        tokens = read_tokens(self.files[self.shard_index], start, self.rank_tokens + 1)
+        window, self.position = torch.from_numpy(tokens.astype(np.int64)), self.position + self.step_tokens
         if self.device.type == "cuda":
-            window = window.pin_memory().to(
-                self.device, non_blocking=True
-            )  # one copy; x and y are views of it
+            window = window.pin_memory().to(self.device, non_blocking=True)  # one copy; x, y are views of it
         return window[:-1].view(-1, self.seq_len), window[1:].view(-1, self.seq_len)
 
 
@@ -545,7 +661,7 @@ def all_reduce_sum(value, world_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop
+# Schedule and evaluation
 
 
 def lr_multiplier(step, args):
@@ -558,17 +674,43 @@ def muon_momentum_at(step, args):
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
 
 
+def set_schedule(run, step):
+    """Every learning rate, and Muon's momentum, at `step`."""
+    args, multiplier = run.args, lr_multiplier(step, run.args)
+    for group, lr in zip(run.adam.param_groups, (args.embed_lr, args.head_lr, args.scalar_lr)):
+        group["lr"] = lr * multiplier
+    run.muon.param_groups[0].update(lr=args.muon_lr * multiplier, momentum=muon_momentum_at(step, args))
+
+
+def window_at(step, args):
+    """The attention window of a step, 0 for none: 24 Nov's W = 64 x (1 + floor(27 step / 1750)), in general
+    start x (1 + floor((final - start) step / (start N))): start at step 0, final at step N (validation)."""
+    start, final = args.window_warmup_start, args.window_tokens
+    return start * (1 + (final - start) * step // (start * args.num_iterations)) if start else final
+
+
+def micro_batches(x, y, args, accum_steps, step, lost_context=None):
+    """[(inputs, targets, forward kwargs, loss divisor)] of this rank's batch: accum_steps equal chunks, or
+    with --micro_tokens pieces of each sequence cut at document starts (harness.document_micro_steps)."""
+    window = window_at(step, args)
+    kwargs = dict(window=torch.full((), window, device=x.device)) if window else {}  # a fill, no sync
+    if args.micro_tokens and args.micro_tokens < args.seq_len:
+        return harness.document_micro_steps(x, y, args, kwargs, window, lost_context)
+    return [(xm, ym, kwargs, accum_steps) for xm, ym in zip(x.chunk(accum_steps), y.chunk(accum_steps))]
+
+
 @torch.no_grad()
-def evaluate(model, val_loader, args, accum_steps, world_size):
-    """Mean loss over exactly the first val_tokens tokens of the val shard, averaged over all ranks."""
+def evaluate(model, val_loader, args, accum_steps, world_size, step):
+    """Mean loss over exactly the first val_tokens tokens of the val shard, averaged over all ranks, under the
+    attention window of `step`."""
     model.eval()
     val_loader.reset()
     total, count = torch.zeros((), device=val_loader.device), 0
     for _ in range(args.val_tokens // (args.batch_size * args.seq_len)):
         x, y = val_loader.next_batch()
-        for xm, ym in zip(x.chunk(accum_steps), y.chunk(accum_steps)):
-            total += model(xm, ym).float()
-            count += 1
+        for xm, ym, kwargs, divisor in micro_batches(x, y, args, accum_steps, step):
+            total += model(xm, ym, **kwargs).float() * (accum_steps / divisor)  # 1.0 in equal chunks
+        count += accum_steps
     model.train()
     return (all_reduce_sum(total, world_size) / (count * world_size)).item()
 
@@ -619,8 +761,9 @@ def train(run, log, stop, latest):
     """Steps start_step+1 .. num_iterations, keeping `latest` up to date for the summary. Returns None at the
     end, or why every rank agreed to stop early (a signal, or a full disk for the record)."""
     args, ddp, clock, accum_steps = run.args, run.ddp, run.clock, run.accum_steps
-    progress_at, progress_step, last_save, saved = time.monotonic(), run.start_step, time.monotonic(), []
+    progress_at, progress_step, last_save = time.monotonic(), run.start_step, time.monotonic()
     save_now = stop_now = False
+    lost_context = []  # per sequence: tokens that lost context at a --micro_tokens cut
     for step in range(run.start_step, args.num_iterations + 1):
         last_step = step == args.num_iterations
         if step == run.start_step + args.untimed_steps:
@@ -629,61 +772,48 @@ def train(run, log, stop, latest):
         # ---------------- validation and checkpoint, with the clock paused ----------------
         if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
             with clock.paused():
-                latest.val_loss = evaluate(ddp, run.val_loader, args, accum_steps, run.world_size)
+                latest.val_loss = evaluate(ddp, run.val_loader, args, accum_steps, run.world_size, step)
+                latest.val_step = step
             log(f"step:{step}/{args.num_iterations} val_loss:{latest.val_loss:.4f} {clock}")
         if step > run.start_step and (
             save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))
         ):
             with clock.paused():
-                path = harness.save_checkpoint(run, step, log.path)
-                saved, last_save = (
-                    harness.prune_checkpoints(saved + [path], args.keep_checkpoints),
-                    time.monotonic(),
-                )
+                path = harness.save_checkpoint(run, step, log.path)  # and prunes the older ones
+            last_save = time.monotonic()
             log(f"checkpoint: {path}", record=stop_now or last_step)
         if last_step:
+            if lost_context:
+                log(f"context: {sum(lost_context)} train tokens lost context at micro_tokens cuts")
             return None
         if stop_now:
-            why = log.error or harness.signal_name(stop.signal)
-            return f"{why} at step {step}: checkpoint saved, resume with --resume"
+            harness.raise_data_error(run, step)  # a data error ends the run here, its checkpoint saved
+            return f"{log.error or stop.reason()} at step {step}: checkpoint saved"
 
         # ---------------- one optimizer step over the global batch ----------------
         x, y = run.train_loader.next_batch()
         train_loss = torch.zeros((), device=x.device)
-        for micro_step, (xm, ym) in enumerate(zip(x.chunk(accum_steps), y.chunk(accum_steps))):
-            with nullcontext() if micro_step == accum_steps - 1 or run.world_size == 1 else ddp.no_sync():
-                loss = ddp(xm, ym)  # DDP all-reduces (averages) gradients once, after the last micro-step
-                (
-                    loss / accum_steps
-                ).backward()  # the mean over micro-steps: the same math on any device count
-            train_loss += loss.detach() / accum_steps
+        batches = micro_batches(x, y, args, accum_steps, step, lost_context)
+        for micro_step, (xm, ym, kwargs, divisor) in enumerate(batches):
+            with nullcontext() if micro_step == len(batches) - 1 or run.world_size == 1 else ddp.no_sync():
+                loss = ddp(xm, ym, **kwargs)  # DDP all-reduces (averages) gradients once, after the last
+                (loss / divisor).backward()  # the mean over micro-steps: the same math on any device count
+            train_loss += loss.detach() / divisor
         if step + 1 < args.num_iterations:
             run.train_loader.prefetch()  # while the device still runs this step's kernels
-        for group, lr in zip(run.adam.param_groups, (args.embed_lr, args.head_lr, args.scalar_lr)):
-            group["lr"] = lr * lr_multiplier(step, args)
-        run.muon.param_groups[0].update(
-            lr=args.muon_lr * lr_multiplier(step, args), momentum=muon_momentum_at(step, args)
-        )
+        set_schedule(run, step)
         run.adam.step()
         run.muon.step()
         ddp.zero_grad(set_to_none=True)
 
         # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ---------------
-        stop_wanted = stop.signal is not None or log.error is not None
-        save_due = bool(args.save_every and (step + 1) % args.save_every == 0) or bool(
-            args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
-        )
+        stop_wanted = stop.requested() or log.error is not None or run.train_loader.error is not None
+        save_due = harness.save_due(args, step + 1, last_save)
         votes = [train_loss, torch.full_like(train_loss, stop_wanted), torch.full_like(train_loss, save_due)]
-        loss_sum, stop_votes, save_votes = all_reduce_sum(
-            torch.stack(votes), run.world_size
-        ).tolist()  # no sync before
+        loss_sum, stop_votes, save_votes = all_reduce_sum(torch.stack(votes), run.world_size).tolist()
         clock.lap()
-        train_loss, stop_now, save_now, latest.step = (
-            loss_sum / run.world_size,
-            stop_votes > 0,
-            save_votes > 0,
-            step + 1,
-        )
+        train_loss, stop_now, save_now = loss_sum / run.world_size, stop_votes > 0, save_votes > 0
+        latest.step = step + 1
         stop.phase = "training"  # from here a signal waits for the step boundary (the first step may compile)
         log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} {clock}", console=False)
         if not math.isfinite(train_loss):
@@ -719,31 +849,23 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
         notes.append(
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
         )
+        notes += checkpoint.get("notes", [])  # harness.resolve_args: changed flags, broken checkpoints
     compiled = compile_model(model) if args.compile else model
-    if args.device_batch_size is None:
-        args.device_batch_size, reason = harness.choose_device_batch_size(compiled, args, world_size, device)
-        notes.append(f"device_batch_size: {args.device_batch_size} ({reason})")
+    note = harness.choose_micro_steps(compiled, args, world_size, device)  # where auto: probed
+    notes += [note] if note else []
     ddp = compiled
     if world_size > 1:  # bucket views: no second copy of the gradients
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
-    parts = (
-        model,
-        ddp,
-        adam,
-        muon,
-        train_loader,
-        val_loader,
-        args.grad_accum_steps(world_size),
-        start_step,
-        clock,
-    )
-    return Run(args, rank, world_size, device, started, run_id, *parts), notes
+    parts = dict(model=model, ddp=ddp, adam=adam, muon=muon, train_loader=train_loader, val_loader=val_loader)
+    parts.update(accum_steps=args.grad_accum_steps(world_size), start_step=start_step, clock=clock)
+    return Run(args, rank, world_size, device, started, run_id, **parts), notes
 
 
 def run(argv, stop):
     """One training run; returns the exit status, or raises what ended it."""
     args, checkpoint = harness.resolve_args(Hyperparameters, argv, __doc__.split("\n\n")[0])
+    stop.plan(args)
     rank, world_size, device = setup_distributed(args.device)
     args.grad_accum_steps(world_size)
     harness.cap_memory(args, device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest_plugins = ["fake_hub"]  # the `hub` fixture: a local server that answers like the Hugging Face hub
 sys.path.insert(0, ROOT)
 
 from data.shards import write_shard  # noqa: E402
@@ -58,18 +59,25 @@ def learnable_tokens(n, vocab=TINY_VOCAB, seed=0):
     return tokens
 
 
+class RunFlags(list):
+    """The flags of a tiny run: data, records and checkpoints, in that order. `data` holds the two data flags,
+    `records_dir` and `checkpoint_dir` the folders, so a test names what it uses rather than a position."""
+
+    def __init__(self, folder, name="tiny"):
+        self.records_dir, self.checkpoint_dir = f"{folder}/records", f"{folder}/checkpoints"
+        self.data = [f"--input_bin={folder}/{name}_train_*.bin", f"--input_val_bin={folder}/{name}_val_*.bin"]
+        super().__init__(
+            self.data + [f"--records_dir={self.records_dir}", f"--checkpoint_dir={self.checkpoint_dir}"]
+        )
+
+
 @pytest.fixture
 def shards(tmp_path):
     """Two train shards and a val shard of learnable tokens; returns the flags that point at them."""
     for i in (1, 2):
         write_shard(tmp_path / f"tiny_train_{i:06d}.bin", learnable_tokens(6000, seed=i))
     write_shard(tmp_path / "tiny_val_000000.bin", learnable_tokens(2000, seed=99))
-    return [
-        f"--input_bin={tmp_path}/tiny_train_*.bin",
-        f"--input_val_bin={tmp_path}/tiny_val_*.bin",
-        f"--records_dir={tmp_path}/records",
-        f"--checkpoint_dir={tmp_path}/checkpoints",
-    ]
+    return RunFlags(tmp_path)
 
 
 def read_record(records_dir):

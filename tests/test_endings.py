@@ -183,7 +183,16 @@ def test_the_checkpoint_before_bad_data_resumes_at_the_bad_batch(shards, monkeyp
     with pytest.raises(SystemExit):
         train_gpt2.main(flags + ["--save_every_minutes=0"])
     good.tofile(paths["input_bin"].replace("*", "000002"))
-    assert train_gpt2.main([f"--records_dir={tmp_path}/resumed", shards[3], "--resume=latest"]) == 0
+    assert (
+        train_gpt2.main(
+            [
+                f"--records_dir={tmp_path}/resumed",
+                f"--checkpoint_dir={shards.checkpoint_dir}",
+                "--resume=latest",
+            ]
+        )
+        == 0
+    )
     whole = [f"--records_dir={tmp_path}/whole", f"--checkpoint_dir={tmp_path}/c2"]
     assert train_gpt2.main(flags + whole) == 0
 
@@ -210,7 +219,7 @@ def test_a_shard_that_shrinks_under_the_loader_is_a_shard_error(tmp_path):
 
 def test_folders_with_glob_characters_resume_and_name_stale_files(shards, tmp_path, capsys):
     odd = dict(records_dir=f"{tmp_path}/rec[1]", checkpoint_dir=f"{tmp_path}/ck[1]*?")
-    flags = TINY_FLAGS + shards[:2] + [f"--{k}={v}" for k, v in odd.items()]
+    flags = TINY_FLAGS + shards.data + [f"--{k}={v}" for k, v in odd.items()]
     assert train_gpt2.main(flags + STEPS + ["--save_every=6"]) == 0
     stale = f"{odd['checkpoint_dir']}/run/old-step000001.pt.tmp"
     open(stale, "wb").close()
@@ -234,7 +243,12 @@ def first_run(shards, extra=()):
 
 
 def resumed_record(shards, tmp_path, flags):
-    assert train_gpt2.main([f"--records_dir={tmp_path}/resumed", shards[3], *flags]) == 0
+    assert (
+        train_gpt2.main(
+            [f"--records_dir={tmp_path}/resumed", f"--checkpoint_dir={shards.checkpoint_dir}", *flags]
+        )
+        == 0
+    )
     return read_record(f"{tmp_path}/resumed")
 
 
@@ -253,7 +267,7 @@ def test_changed_batch_seq_len_and_data_are_noted(shards, tmp_path, capsys):
     record = resumed_record(shards, tmp_path, [*flags, "--num_iterations=14"])
     notes = [line for line in record.splitlines() if line.startswith("resume_changes: ")]
     assert notes == [
-        f"resume_changes: --input_bin={copy}/tiny_train_*.bin (the checkpoint's: {shards[0][12:]})",
+        f"resume_changes: --input_bin={copy}/tiny_train_*.bin (the checkpoint's: {shards.data[0][12:]})",
         "resume_changes: --batch_size=16 (the checkpoint's: 8)",
         "resume_changes: --seq_len=16 (the checkpoint's: 32)",
         "resume_changes: --num_iterations=14 (the checkpoint's: 12)",

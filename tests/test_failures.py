@@ -51,7 +51,7 @@ def test_a_full_disk_for_the_record_stops_the_run_with_a_checkpoint(shards, tmpf
     says which folder is full in one line, and the record holds whole lines only."""
     flags = (
         TINY_FLAGS
-        + shards[:2]
+        + shards.data
         + [
             f"--records_dir={tmpfs}",
             f"--checkpoint_dir={tmp_path}/checkpoints",
@@ -79,7 +79,7 @@ def test_a_full_disk_for_the_record_stops_the_run_with_a_checkpoint(shards, tmpf
 def test_a_full_disk_for_checkpoints_is_one_line_and_leaves_no_temp_file(shards, tmpfs, tmp_path):
     flags = (
         TINY_FLAGS
-        + shards[:2]
+        + shards.data
         + [f"--records_dir={tmp_path}/records", f"--checkpoint_dir={tmpfs}", *STEPS, "--save_every=3"]
     )
     with pytest.raises(SystemExit) as stop:
@@ -123,7 +123,7 @@ def test_an_existing_records_dir_that_cannot_be_written_is_one_line(shards, tmp_
         pytest.skip("cannot mount a read-only tmpfs here; the file-as-folder case is in test_loader.py")
     try:
         with pytest.raises(SystemExit) as stop:
-            train_gpt2.main(TINY_FLAGS + shards[:2] + [f"--records_dir={folder}", *STEPS])
+            train_gpt2.main(TINY_FLAGS + shards.data + [f"--records_dir={folder}", *STEPS])
         message = one_line(stop)
         assert str(folder) in message and "--records_dir" in message
     finally:
@@ -147,7 +147,7 @@ def test_resume_past_the_shards_of_this_machine_is_refused(shards, tmp_path, cap
     checkpoint = torch.load(checkpoints(f"{tmp_path}/checkpoints")[0], weights_only=True)
     checkpoint["data"] = dict(shard_index=1, position=0)  # a run that had reached the second shard
     torch.save(checkpoint, tmp_path / "far.pt")
-    one_shard = shards[0].replace("tiny_train_*.bin", "tiny_train_000001.bin")
+    one_shard = shards.data[0].replace("tiny_train_*.bin", "tiny_train_000001.bin")
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main([f"--resume={tmp_path}/far.pt", one_shard])
     assert "shard 2" in one_line(stop)
@@ -186,7 +186,7 @@ def test_a_stale_checkpoint_temp_file_is_named(shards, tmp_path, capsys):
 
 
 def test_a_training_glob_that_matches_the_val_shard_is_refused(shards, tmp_path):
-    everything = shards[0].replace("tiny_train_*.bin", "tiny_*.bin")
+    everything = shards.data[0].replace("tiny_train_*.bin", "tiny_*.bin")
     with pytest.raises(SystemExit) as stop:
         train_gpt2.main(TINY_FLAGS + shards + STEPS + [everything])
     assert "--input_bin" in one_line(stop) and "tiny_val_000000.bin" in str(stop.value)
@@ -276,7 +276,8 @@ def test_a_checkpoint_that_fails_to_save_ends_every_rank(shards, tmpfs, tmp_path
             "--nproc_per_node=2",
             "train_gpt2.py",
             *TINY_FLAGS,
-            *shards[:3],
+            *shards.data,
+            f"--records_dir={shards.records_dir}",
             f"--checkpoint_dir={tmpfs}",
             *STEPS,
             "--save_every=3",
@@ -303,7 +304,7 @@ def test_keeping_no_checkpoint_is_refused_before_anything_is_written(shards, tmp
 
 
 def test_a_checkpoint_write_that_fails_on_a_full_disk_is_one_line(shards, tmp_path, monkeypatch, capsys):
-    """Sibling of the tmpfs test where no filesystem can be mounted: torch.save fails as it does on a full disk."""
+    """Sibling of the tmpfs test where no filesystem can be mounted: torch.save fails as on a full disk."""
 
     def full_disk_save(state, path):
         with open(path, "wb") as f:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, losses, parse_args, read_record
+from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, RunFlags, losses, parse_args, read_record
 from torch.nn.attention.flex_attention import flex_attention
 
 import harness
@@ -51,12 +51,7 @@ def doc_shards(tmp_path):
     for i in (1, 2):
         write_shard(tmp_path / f"doc_train_{i:06d}.bin", document_tokens(6000, seed=i))
     write_shard(tmp_path / "doc_val_000000.bin", document_tokens(2000, seed=99))
-    return [
-        f"--input_bin={tmp_path}/doc_train_*.bin",
-        f"--input_val_bin={tmp_path}/doc_val_*.bin",
-        f"--records_dir={tmp_path}/records",
-        f"--checkpoint_dir={tmp_path}/checkpoints",
-    ]
+    return RunFlags(tmp_path, "doc")
 
 
 def sdpa_in_chunks(q, k, v, masks):  # as CausalSelfAttention runs chunked_masks
@@ -262,7 +257,7 @@ def run_recipe(name, shards, extra=()):
         train_gpt2.main(TINY_FLAGS + RECIPE_FLAGS[name] + shards + RUN_FLAGS + [f"--recipe={name}", *extra])
         == 0
     )
-    return read_record(shards[2].split("=", 1)[1])
+    return read_record(shards.records_dir)
 
 
 @pytest.mark.parametrize("name", list(RECIPE_FLAGS))
@@ -308,8 +303,8 @@ def test_the_record_lists_the_recipe_and_its_flags_from_the_start(doc_shards, ca
 
 def test_a_resume_inherits_the_recipe_and_its_resolved_flags(doc_shards, capsys):
     run_recipe("2024-11-24", doc_shards, ["--muon_lr=0.07", "--save_every=5"])
-    checkpoints = sorted(os.listdir(doc_shards[3].split("=", 1)[1] + "/run"))
-    path = os.path.join(doc_shards[3].split("=", 1)[1], "run", checkpoints[0])
+    checkpoints = sorted(os.listdir(doc_shards.checkpoint_dir + "/run"))
+    path = os.path.join(doc_shards.checkpoint_dir, "run", checkpoints[0])
     args, _ = harness.resolve_args(train_gpt2.Hyperparameters, [f"--resume={path}", "--num_iterations=20"])
     assert (args.recipe, args.muon_lr, args.seq_len, args.window_tokens, args.num_iterations) == (
         "2024-11-24",
@@ -343,8 +338,8 @@ def test_two_ranks_equal_one_for_the_64k_style_recipe_with_micro_steps(doc_shard
     common = (
         TINY_FLAGS
         + RECIPE_FLAGS["2024-11-24"]
-        + doc_shards[:2]
-        + [doc_shards[3], "--recipe=2024-11-24"]
+        + doc_shards.data
+        + [f"--checkpoint_dir={doc_shards.checkpoint_dir}", "--recipe=2024-11-24"]
         + ["--num_iterations=4", "--warmdown_iters=2", "--val_loss_every=2", "--micro_tokens=96"]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -381,7 +376,7 @@ def test_recipe_2024_11_08_is_the_default_golden_run(shards, capsys):
     with open(os.path.join(os.path.dirname(__file__), "golden_losses.json")) as f:
         golden = json.load(f)
     assert train_gpt2.main(golden["flags"] + shards + ["--recipe=2024-11-08"]) == 0
-    assert losses(read_record(shards[2].split("=", 1)[1])) == golden["train_losses"]
+    assert losses(read_record(shards.records_dir)) == golden["train_losses"]
 
 
 def test_micro_tokens_auto_takes_the_largest_that_fits_and_needs_the_document_mask(shards, capsys):

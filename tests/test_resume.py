@@ -27,7 +27,7 @@ def run_in_process(flags, records_dir):
 
 
 def step_losses(record, start):
-    """{(kind, step): loss} of what a run resumed at step `start` logs: val from `start` on, train after it."""
+    """{(kind, step): loss} of a run resumed at step `start`: val from `start` on, train after it."""
     return {
         (kind, int(step)): float(loss)
         for step, _, kind, loss, _, _ in re.findall(
@@ -42,7 +42,10 @@ def step_losses(record, start):
 @pytest.fixture
 def uninterrupted(shards, tmp_path):
     """A 20-step run that also saves a checkpoint every 10 steps."""
-    record = run_in_process(shards[:2] + [shards[3]] + STEPS + ["--save_every=10"], tmp_path / "full")
+    record = run_in_process(
+        shards.data + [f"--checkpoint_dir={shards.checkpoint_dir}"] + STEPS + ["--save_every=10"],
+        tmp_path / "full",
+    )
     checkpoints = sorted(glob.glob(f"{tmp_path}/checkpoints/run/*-step000010.pt"))
     assert len(checkpoints) == 1
     return record, checkpoints[0]
@@ -51,7 +54,8 @@ def uninterrupted(shards, tmp_path):
 def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(shards, tmp_path, uninterrupted, capsys):
     full, checkpoint = uninterrupted
     resumed = run_in_process(
-        shards[:2] + [shards[3]] + STEPS + [f"--resume={checkpoint}"], tmp_path / "resumed"
+        shards.data + [f"--checkpoint_dir={shards.checkpoint_dir}"] + STEPS + [f"--resume={checkpoint}"],
+        tmp_path / "resumed",
     )
     assert step_losses(resumed, 10) == step_losses(full, 10)  # exact: same fp32 ops in the same order
     assert len(step_losses(resumed, 10)) == 10 + 3  # train 11..20, val at 10, 15, 20
@@ -95,7 +99,7 @@ def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tm
             "--device_batch_size=2",
             "--device=cpu",
             f"--records_dir={tmp_path}/two",
-            shards[3],
+            f"--checkpoint_dir={shards.checkpoint_dir}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -114,13 +118,20 @@ def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tm
 def test_resume_latest_takes_the_newest_checkpoint(shards, tmp_path, uninterrupted, capsys):
     newest = sorted(glob.glob(f"{tmp_path}/checkpoints/run/*.pt"), key=os.path.getmtime)[-1]
     assert newest.endswith("-step000020.pt")  # the final one
-    record = run_in_process([shards[3], "--resume=latest", "--num_iterations=22"], tmp_path / "latest")
+    record = run_in_process(
+        [f"--checkpoint_dir={shards.checkpoint_dir}", "--resume=latest", "--num_iterations=22"],
+        tmp_path / "latest",
+    )
     assert f"resumed_from: {newest} at step 20" in record and "step:22/22 val_loss:" in record
 
 
 def test_checkpoints_are_atomic_and_only_the_newest_are_kept(shards, tmp_path, capsys):
     run_in_process(
-        shards[:2] + [shards[3]] + STEPS + ["--save_every=3", "--keep_checkpoints=2"], tmp_path / "r"
+        shards.data
+        + [f"--checkpoint_dir={shards.checkpoint_dir}"]
+        + STEPS
+        + ["--save_every=3", "--keep_checkpoints=2"],
+        tmp_path / "r",
     )
     names = sorted(os.path.basename(p).split("-step")[1] for p in glob.glob(f"{tmp_path}/checkpoints/run/*"))
     assert names == ["000018.pt", "000020.pt"]  # no .tmp left behind
@@ -177,7 +188,7 @@ def test_auto_micro_batch_is_logged(shards, tmp_path, capsys):
         )
         == 0
     )
-    record = read_record(shards[2].split("=", 1)[1])
+    record = read_record(shards.records_dir)
     assert "--device_batch_size=8\n" in record
     assert "device_batch_size: 8 (auto on CPU: no memory probe, the largest candidate)" in record
 
@@ -192,8 +203,13 @@ def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, caps
     """run.sh on two 'nodes' (one gloo process each, c10d rendezvous on loopback) equals one process."""
     flags = (
         TINY_FLAGS
-        + shards[:2]
-        + [shards[3], "--num_iterations=4", "--warmdown_iters=2", "--val_loss_every=2"]
+        + shards.data
+        + [
+            f"--checkpoint_dir={shards.checkpoint_dir}",
+            "--num_iterations=4",
+            "--warmdown_iters=2",
+            "--val_loss_every=2",
+        ]
     )
     single = run_in_process(flags, tmp_path / "one")
     env = {
@@ -206,7 +222,7 @@ def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, caps
         "PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",
     }
-    # Output goes to files: a node blocked on a full, unread pipe would hold the other at torchrun's exit barrier.
+    # Output goes to files: a node blocked on a full, unread pipe would hold the other at the exit barrier.
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [
         subprocess.Popen(
@@ -240,9 +256,9 @@ def test_two_nodes_train_as_one_process_with_accumulation(shards, tmp_path, caps
 def test_sigterm_checkpoints_then_resume_matches(shards, tmp_path, capsys):
     flags = (
         TINY_FLAGS
-        + shards[:2]
+        + shards.data
         + [
-            shards[3],
+            f"--checkpoint_dir={shards.checkpoint_dir}",
             "--num_iterations=400",
             "--warmdown_iters=100",
             "--val_loss_every=0",

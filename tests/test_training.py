@@ -22,7 +22,7 @@ GOLDEN_TOLERANCE = (
 
 def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert train_gpt2.main(TINY_FLAGS + shards + ["--num_iterations=50", "--warmdown_iters=15"]) == 0
-    record = read_record(shards[2].split("=", 1)[1])
+    record = read_record(shards.records_dir)
     train = losses(record)
     val = losses(record, "val_loss")
     assert len(train) == 50 and len(val) == 11  # step 0, every 5, the end
@@ -46,8 +46,8 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert all(STEP_LINE.match(line) for line in lines[:-1])
     assert re.fullmatch(r"step:50/50 val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms", lines[-2])
     assert re.fullmatch(
-        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
-        r"peak_memory:\d+MiB world_size:1 device:CPU .*",
+        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms startup_s:\d+\.\d "
+        r"compiled_graphs:0 peak_memory:\d+MiB world_size:1 device:CPU .*",
         lines[-1],
     )
     assert f"final_val_loss:{val[-1]:.4f}" in lines[-1]
@@ -56,7 +56,7 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
 def test_golden_losses_of_a_fixed_tiny_config(shards, capsys):
     """The first 10 train losses; regenerate (REGENERATE_GOLDEN=1) only for an intended change of the math."""
     assert train_gpt2.main(TINY_FLAGS + shards + GOLDEN_FLAGS) == 0
-    got = losses(read_record(shards[2].split("=", 1)[1]))
+    got = losses(read_record(shards.records_dir))
     if os.environ.get("REGENERATE_GOLDEN"):
         with open(GOLDEN, "w") as f:
             json.dump(dict(flags=TINY_FLAGS + GOLDEN_FLAGS, train_losses=got), f, indent=1)
@@ -90,8 +90,13 @@ def test_two_ranks_match_one_rank_with_accumulation(shards, tmp_path):
     the rank-strided loader and Muon's sharded orthogonalization are right."""
     common = (
         TINY_FLAGS
-        + shards[:2]
-        + [shards[3], "--num_iterations=6", "--warmdown_iters=3", "--val_loss_every=3"]
+        + shards.data
+        + [
+            f"--checkpoint_dir={shards.checkpoint_dir}",
+            "--num_iterations=6",
+            "--warmdown_iters=3",
+            "--val_loss_every=3",
+        ]
     )
     one = run_script(common + [f"--records_dir={tmp_path}/one"])
     out = one.communicate(timeout=300)[0]
@@ -114,13 +119,13 @@ def test_non_finite_loss_stops_the_run_with_a_logged_reason(shards, capsys):
             + shards
             + ["--num_iterations=20", "--warmdown_iters=0", "--muon_lr=1e30", "--embed_lr=1e30"]
         )
-    record = read_record(shards[2].split("=", 1)[1])
+    record = read_record(shards.records_dir)
     assert re.search(r"^stopped: train loss is nan at step \d+", record, re.M)
-    assert record.splitlines()[-1].startswith("summary: final_val_loss:")
+    assert record.splitlines()[-1].startswith("summary: last_val_loss:5.5452 last_val_step:0 ")  # never final
 
 
 def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
-    records_dir = shards[2].split("=", 1)[1]
+    records_dir = shards.records_dir
     run = run_script(
         TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"]
     )
@@ -136,7 +141,9 @@ def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
     lines = read_record(records_dir).splitlines()
     assert re.fullmatch(r"checkpoint: .*/checkpoints/run/.*-step\d{6}\.pt", lines[-3])
     assert os.path.isfile(lines[-3].split(": ", 1)[1])
-    assert re.fullmatch(r"stopped: SIGINT at step \d+: checkpoint saved, resume with --resume", lines[-2])
+    assert re.fullmatch(
+        r"stopped: SIGINT at step \d+: checkpoint saved; continue with: .* --resume=latest .*", lines[-2]
+    )
     assert lines[-1].startswith("summary: ") and "world_size:1" in lines[-1]
 
 
@@ -173,7 +180,7 @@ finally:
     )
     imported = {line.split(" ", 1)[1] for line in run.stdout.splitlines() if line.startswith("module: ")}
     assert {"train_gpt2.py", "harness.py"} <= imported
-    source = read_record(shards[2].split("=", 1)[1]).split("=" * 100 + "\n")[0]
+    source = read_record(shards.records_dir).split("=" * 100 + "\n")[0]
     for name in imported:
         with open(os.path.join(ROOT, name)) as f:
             text = f.read()
