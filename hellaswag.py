@@ -11,7 +11,6 @@ quoted). Prints both with a 95% Wilson interval beside OpenAI's GPT-2 124M in th
 writes them as JSON next to the checkpoint (CHECKPOINT.hellaswag.json).
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from data.flags import FlagParser, at_least
-from harness import CheckpointError, load_checkpoint
+from harness import CheckpointError, load_trained_model
 from train_gpt2 import GPT, Hyperparameters, cast_model, compute_dtype
 
 ROOT = Path(__file__).resolve().parent
@@ -283,23 +282,10 @@ class Progress:
 def load_model(path, device):
     """(GPT in eval mode on device, cast as in training: bf16 on CUDA, fp32 on CPU; Hyperparameters; step)."""
     try:
-        checkpoint = load_checkpoint(path)
+        model, args, step = load_trained_model(path, Hyperparameters, GPT.from_args)
     except CheckpointError as e:
         fail(e)
-    fields = {f.name for f in dataclasses.fields(Hyperparameters)}
-    try:
-        args = Hyperparameters(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
-        model = GPT.from_args(args)
-        model.load_state_dict(checkpoint["model"])
-    except KeyError as e:
-        fail(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint")
-    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad knobs
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        fail(f"{path}: the weights do not fit the model its hyperparameters describe ({first})")
-    if not all(t.isfinite().all() for t in model.state_dict().values()):
-        fail(f"{path} holds NaN or infinite weights (a diverged run?): evaluate an earlier checkpoint")
-    model = cast_model(model.to(device), compute_dtype(device)).eval()
-    return model, args, checkpoint.get("step")
+    return cast_model(model.to(device), compute_dtype(device)).eval(), args, step
 
 
 def gpt2_encoding():

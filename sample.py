@@ -12,7 +12,6 @@ continuation is printed.
 
 import argparse
 import codecs
-import dataclasses
 import decimal
 import itertools
 import math
@@ -22,7 +21,7 @@ import sys
 import torch
 
 from data.flags import FlagParser, at_least
-from harness import CheckpointError, load_checkpoint
+from harness import CheckpointError, load_trained_model
 from train_gpt2 import GPT, Hyperparameters
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -35,24 +34,10 @@ def fail(message):
 def load_model(path, device):
     """(fp32 GPT in eval mode on device, its Hyperparameters, the step it was saved at)."""
     try:
-        checkpoint = load_checkpoint(path)
+        model, args, step = load_trained_model(path, Hyperparameters, GPT.from_args)
     except CheckpointError as e:
         fail(e)
-    fields = {f.name for f in dataclasses.fields(Hyperparameters)}
-    try:
-        args = Hyperparameters(**{k: v for k, v in checkpoint["hyperparameters"].items() if k in fields})
-        model = GPT.from_args(args)
-        model.load_state_dict(checkpoint["model"])
-        if not all(t.isfinite().all() for t in model.state_dict().values()):
-            fail(f"{path} holds NaN or infinite weights (a diverged run?): sample from an earlier checkpoint")
-        return model.float().to(device).eval(), args, int(checkpoint["step"])
-    except KeyError as e:
-        fail(f"{path} has no {e} entry: not a complete train_gpt2.py checkpoint")
-    except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # wrong types or shapes, bad values
-        fail(
-            f"{path}: the weights do not fit the model its hyperparameters describe "
-            f"({(str(e).splitlines() or [type(e).__name__])[0]})"
-        )
+    return model.float().to(device).eval(), args, int(step)
 
 
 @torch.no_grad()

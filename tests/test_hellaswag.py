@@ -6,7 +6,6 @@ No network is used except PyPI, once, when the GPT-2 vocabulary is not cached ye
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -14,10 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -347,61 +343,6 @@ def test_errors_are_one_line(trained, tmp_path, capsys):
 # --- the download, against a local server that answers like the hub ----------------------------
 
 
-class FakeHub(ThreadingHTTPServer):
-    """Serves {repo_id: {(revision, path): bytes}} as the hub resolves dataset files; logs each request."""
-
-    COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), HubHandler)
-        self.files, self.log = {}, []
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class HubHandler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_HEAD(self):
-        self.answer(body=False)
-
-    def do_GET(self):
-        self.answer(body=True)
-
-    def send(self, status, headers, data, body):
-        self.send_response(status)
-        for k, v in {**headers, "Content-Length": str(len(data)), "X-Repo-Commit": FakeHub.COMMIT}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def answer(self, body):
-        raw = urlsplit(self.path).path  # the revision arrives percent-encoded: refs%2Fconvert%2Fparquet
-        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", raw)
-        if not m:  # our reachability probe, huggingface_hub's telemetry
-            return self.send(404, {}, b"", body)
-        self.server.log.append((self.command, raw))
-        key = (unquote(m[2]), unquote(m[3]))
-        data = self.server.files.get(m[1], {}).get(key)
-        if data is None:
-            return self.send(404, {"X-Error-Code": "EntryNotFound"}, b"Entry not found", body)
-        etag = hashlib.sha256(data).hexdigest()
-        self.send(200, {"ETag": f'"{etag}"', "Accept-Ranges": "bytes"}, data, body)
-
-
-@pytest.fixture
-def hub():
-    server = FakeHub()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def cli(argv, tmp_path, **env):
     e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     e.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1", **env)
@@ -418,7 +359,8 @@ def cli(argv, tmp_path, **env):
 
 def test_download_once_from_the_hub_then_offline(trained, hub, tmp_path):
     parquet = write_parquet(tmp_path / "served.parquet").read_bytes()
-    hub.files["Rowan/hellaswag"] = {("refs/convert/parquet", "default/validation/0000.parquet"): parquet}
+    hub.repos["Rowan/hellaswag"] = {"default/validation/0000.parquet": parquet}
+    hub.revisions["Rowan/hellaswag"] = "refs/convert/parquet"  # the parquet conversion only
     checkpoint, data_dir = str(trained[0]), tmp_path / "hs"
     rc, out, err = cli([checkpoint, "--data_dir", data_dir], tmp_path, HF_ENDPOINT=hub.url)
     assert rc == 0, err
@@ -433,7 +375,8 @@ def test_download_once_from_the_hub_then_offline(trained, hub, tmp_path):
     assert rc == 0, err
     assert hub.log == [] and "the first 3 of 6" in out2
 
-    hub.files.clear()  # gone from the hub: one line (after "downloading"), and the folder made for it removed
+    # the file gone from the hub: one line (after "downloading"), and the folder made for it removed
+    hub.repos["Rowan/hellaswag"] = {}
     rc, _, err = cli([checkpoint, "--data_dir", tmp_path / "gone" / "hs"], tmp_path, HF_ENDPOINT=hub.url)
     assert_one_line_error((rc, err), "not on the hub", "--data FILE", lines=2)
     assert not (tmp_path / "gone").exists()
