@@ -18,7 +18,7 @@ CPU. The numbers are the trainer's own step, host sync included. Lines come most
 2. Breakdown (medians over --steps steps): data (next_batch, and the prefetch of the next batch),
    forward+backward (per micro-step, and its MFU), Adam, Muon (Newton-Schulz and the gather), host sync
    (zero_grad, the votes all-reduce, .tolist()) and other (the step time left over: lr setting,
-   logging, the loop); then peak memory and issue 10's targets, each PASS or MISS. A timing never fails it.
+   logging, the loop); then peak memory and the speed targets, each PASS or MISS. A timing never fails it.
 3. A/B, interleaved: the step time with every item on against the same with one item off, on and off in
    ABBA order, --repeats samples of each side. Off means:
      coordinate-descent tuning   the model compiled with INDUCTOR_OPTIONS less that key (a second compile)
@@ -72,7 +72,7 @@ PRESETS = {
     "tiny": dict(flags=benchmark.PRESETS["tiny"]["flags"], warmup=2, steps=6, repeats=3),
 }
 PARTS = ("data", "forward+backward", "Adam", "Muon", "host sync", "other")
-TARGETS = [  # issue 10, for one H100 80GB: (what, result key, at most, unit)
+TARGETS = [  # the speed targets for one H100 80GB: (what, result key, at most, unit)
     ("forward+backward per micro-step <= 130 ms", "micro_step_ms", 130.0, "ms"),
     ("stretch: forward+backward per micro-step <= 115 ms", "micro_step_ms", 115.0, "ms"),
     ("Muon <= 15 ms per step", "muon_ms", 15.0, "ms"),
@@ -82,7 +82,7 @@ TARGETS = [  # issue 10, for one H100 80GB: (what, result key, at most, unit)
 
 @dataclass(frozen=True)
 class Variant:
-    """Which of issue 10's speed items are on; the trainer runs with all of them."""
+    """Which of the speed items are on; the trainer runs with all of them."""
 
     coordinate_descent: bool = True
     compiled_ns: bool = True
@@ -264,7 +264,7 @@ class HarnessLog(harness.RunLog):
 
 
 class PerBatchVocabCheck:
-    """The vocabulary check as it ran before issue 10: the max of each batch's window of the uint16 shard,
+    """The old per-batch vocabulary check: the max of each batch's window of the uint16 shard,
     on the host, before the copy. Keeps its own place in the shard (the loader's is private), times itself."""
 
     def __init__(self, path, window, vocab_size):
@@ -448,7 +448,7 @@ def breakdown_text(result, device_name, peak_memory_mib):
         f"{100 * result['mfu_step']:.3g}% of {result['peak_tflops']:g} TFLOP/s",
         f"  {'peak memory'.ljust(16)} {peak_memory_mib:10,d} MiB   since the start, as in the trainer's "
         "summary",
-        "gpu_report: targets (issue 10, for one H100 80GB, full config; never a failure):",
+        "gpu_report: targets (for one H100 80GB, full config; never a failure):",
     ]
     lines += [f"  {what}: {verdict} ({value:.2f} {unit})" for what, verdict, value, unit in targets(result)]
     return "\n".join(lines)

@@ -159,7 +159,7 @@ def test_runs_import_from_the_repository_root_and_keep_pythonpath(monkeypatch):
 def test_interleaved_runs_and_paired_ratio(shards, tmp_path):
     """Also: a candidate outside the checkout, --records_dir like a glob, --target, --keep_checkpoints."""
     records_dir = tmp_path / "abrec[x]"
-    flags = [*shards[:2], f"--records_dir={records_dir}", shards[3]]
+    flags = [*shards.data, f"--records_dir={records_dir}", f"--checkpoint_dir={shards.checkpoint_dir}"]
     b = write_slower_copy(tmp_path / "candidate" / "slow_gpt2.py")
     p = run_ab(b, 2, flags, "--target", "9.5", "--keep_checkpoints", PYTHONPATH=str(b.parent / "pythonpath"))
     out = p.communicate(timeout=300)[0]

@@ -101,7 +101,7 @@ def test_full_config_is_about_085_gflop_per_token():
 
 
 def test_metrics_of_a_24gb_record():
-    """What gpu_check.sh's 24 GB stage reports, from a record as an H100 would write it."""
+    """What gpu/check.sh's 24 GB stage reports, from a record as an H100 would write it."""
     flags = harness.as_flags(
         train_gpt2.Hyperparameters(
             batch_size=512, device_batch_size=16, val_tokens=524288, memory_limit_gb=23

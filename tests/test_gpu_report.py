@@ -171,7 +171,7 @@ def test_harness_trains_exactly_like_the_trainer_with_every_item_on_or_off(tmp_p
         )
         == 0
     )
-    trainer = losses(read_record(shards[2].split("=", 1)[1]))
+    trainer = losses(read_record(shards.records_dir))
     on = harness(tmp_path, shards, "on")
     steps = on.run(3) + on.run(3)  # two stretches: the schedule and the prefetched batch carry over
     assert on.log.losses == pytest.approx(trainer, abs=1e-6)

@@ -85,7 +85,7 @@ def test_replay_repeats_a_cpu_run(shards, tmp_path):
         env=env,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    records = shards[2].split("=", 1)[1]
+    records = shards.records_dir
     original = read_record(records)
     path = next(os.path.join(d, f) for d, _, fs in os.walk(records) for f in fs if f.endswith(".txt"))
     out = tmp_path / "replayed"
