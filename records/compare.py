@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.flags import FlagParser  # noqa: E402  one-line errors, no abbreviations, as every tool of the project
+from data.flags import FlagParser  # noqa: E402  one-line errors, no abbreviations, as every tool
 
 DIVIDER = "=" * 100
 FILE_RULE = "-" * 40  # a '# <name>' line between two of these starts a further source file
