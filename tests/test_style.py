@@ -10,7 +10,7 @@ from conftest import ROOT
 @pytest.mark.parametrize("command", [["format", "--check"], ["check"]])
 def test_every_python_file_passes_ruff(command):
     run = subprocess.run(
-        [sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "ruff", *command, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stdout + run.stderr
 
