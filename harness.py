@@ -477,16 +477,19 @@ def document_pieces(starts, seq_len, size, window):
     return pieces, lost
 
 
-def probe_fits(model, args, size, device, tokens=None):
+def probe_fits(model, args, size, device, tokens=None, forward_kwargs=None):
     """Whether a real forward+backward of `size` sequences (of `tokens` tokens, default seq_len) fits, beside
     room for the optimizer states.
     `model` is the compiled model training will use: eager needs far more memory (unfused softcap and loss).
-    Inputs and targets are two views of one window, as the loader makes them, so training reuses the graph."""
+    It is called as training calls it (inputs and targets two views of one window, as the loader makes them;
+    the step's forward_kwargs; a rotary offset for a piece of a sequence), so training reuses the graph."""
     state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
+    kwargs = dict(forward_kwargs or {}, **({"offset": torch.tensor(0, device=device)} if tokens else {}))
+    reserve = window = None
     try:
         reserve = torch.empty(state_bytes, dtype=torch.uint8, device=device)
         window = torch.zeros(size * (tokens or args.seq_len) + 1, dtype=torch.long, device=device)
-        model(window[:-1].view(size, -1), window[1:].view(size, -1)).backward()
+        model(window[:-1].view(size, -1), window[1:].view(size, -1), **kwargs).backward()
         return True
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
@@ -517,7 +520,7 @@ def smallest_of_all_ranks(chosen, world_size, device):
     return chosen
 
 
-def choose_device_batch_size(model, args, world_size, device, fits=None):
+def choose_device_batch_size(model, args, world_size, device, fits=None, forward_kwargs=None):
     """(micro-batch, note): the largest divisor of the per-device batch, at most 64 (the recipe), that fits;
     all ranks take the smallest choice. The probe starts at the largest size the estimate lets fit, so a
     small card compiles once or twice, not once per size. On a CPU it probes only with --compile (a warm-up
@@ -533,7 +536,7 @@ def choose_device_batch_size(model, args, world_size, device, fits=None):
         candidates = [size for size in candidates if activation_bytes(args, size, device) <= free] or [1]
         estimate = f"; estimated activations {activation_bytes(args, candidates[0], device) / 2**30:.1f} GiB"
         estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
-        fits = lambda size: probe_fits(model, args, size, device)  # noqa: E731
+        fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
     chosen = next((size for size in candidates if fits(size)), None)
     if chosen is None:
         raise ConfigError(
@@ -544,9 +547,10 @@ def choose_device_batch_size(model, args, world_size, device, fits=None):
     return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}{estimate}"
 
 
-def choose_micro_steps(model, args, world_size, device):
+def choose_micro_steps(model, args, world_size, device, forward_kwargs=None):
     """Sets --device_batch_size, and --micro_tokens where auto and not one whole sequence fits (cutting them
-    at document starts is exact only under --document_mask); the note for the record, or None."""
+    at document starts is exact only under --document_mask); the note for the record, or None. The probe
+    calls the model with the first step's `forward_kwargs`, as training will."""
     if args.micro_tokens and args.micro_tokens < args.seq_len:
         if not args.document_mask:
             raise ConfigError(
@@ -557,12 +561,18 @@ def choose_micro_steps(model, args, world_size, device):
     if args.device_batch_size is not None:
         return None
     try:
-        args.device_batch_size, reason = choose_device_batch_size(model, args, world_size, device)
+        args.device_batch_size, reason = choose_device_batch_size(
+            model, args, world_size, device, None, forward_kwargs
+        )
     except ConfigError:
         if args.micro_tokens is not None or not args.document_mask:
             raise
-        args.micro_tokens, reason = choose_micro_tokens(model, args, world_size, device)
+        args.micro_tokens, reason = choose_micro_tokens(model, args, world_size, device, None, forward_kwargs)
         args.device_batch_size, reason = 1, f"{reason}: --micro_tokens={args.micro_tokens}"
+    if world_size > 1 and args.compile:
+        # The probe compiled outside DDP; dynamo splits a graph for DDP's bucketed all-reduce only when it
+        # compiles it: forget the probe's graphs, training compiles once more inside DDP (read in torch 2.13).
+        torch._dynamo.reset()
     return f"device_batch_size: {args.device_batch_size} ({reason})"
 
 
@@ -587,11 +597,11 @@ def document_micro_steps(x, y, args, kwargs, window, lost_context=None):
     return steps
 
 
-def choose_micro_tokens(model, args, world_size, device, fits=None):
+def choose_micro_tokens(model, args, world_size, device, fits=None, forward_kwargs=None):
     """(tokens, note) for --micro_tokens=auto once not one whole sequence fits: the largest seq_len / 2^k (at
     least 1024) whose micro-step fits, the smallest choice of all ranks."""
     candidates = [args.seq_len >> k for k in range(1, 32) if args.seq_len >> k >= 1024]
-    fits = fits or (lambda tokens: probe_fits(model, args, 1, device, tokens))
+    fits = fits or (lambda tokens: probe_fits(model, args, 1, device, tokens, forward_kwargs))
     chosen = next((tokens for tokens in candidates if fits(tokens)), None)
     if chosen is None:
         raise ConfigError(f"not even a micro-step of 1024 tokens fits in {device_name(device)}'s memory")
@@ -728,11 +738,16 @@ def latest_checkpoint(cls, flags):
     )
 
 
-def prune_checkpoints(path, keep):
-    """Keep the checkpoint just written and the `keep` - 1 others of this run_name with the highest steps, the
-    run's earlier parts' (before a resume) included; delete the rest. Only files named as save_checkpoint
-    names them are ever deleted."""
-    others = [p for p in checkpoints_by_step(os.path.dirname(path)) if p != path]
+def checkpoint_path(run, step):
+    return os.path.join(run.args.checkpoint_dir, run.args.run_name, f"{run.run_id}-step{step:06d}.pt")
+
+
+def prune_checkpoints(path, keep, parts):
+    """Keep the checkpoint just written and the `keep` - 1 others of this run with the highest steps, the
+    part it was resumed from included (`parts`: run ids); delete the rest. Other runs of the same run_name
+    are never touched, nor files named otherwise than save_checkpoint names them."""
+    ours = [p for p in checkpoints_by_step(os.path.dirname(path)) if os.path.basename(p).startswith(parts)]
+    others = [p for p in ours if p != path]
     for other in others[keep - 1 :]:
         if re.fullmatch(r"\d{6}-[0-9a-f]{8}-step\d{6,}\.pt", os.path.basename(other)) and (
             os.path.isfile(other) or os.path.islink(other)
@@ -743,8 +758,7 @@ def prune_checkpoints(path, keep):
 def save_checkpoint(run, step, record):
     """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0, which prunes
     older ones and returns its path; a failure to write it ends every rank (agreed by an all-reduce)."""
-    name = f"{run.run_id}-step{step:06d}.pt"
-    path = os.path.join(run.args.checkpoint_dir, run.args.run_name, name) if run.rank == 0 else None
+    path = checkpoint_path(run, step) if run.rank == 0 else None
     state = dict(
         format=CHECKPOINT_FORMAT,
         hyperparameters=dataclasses.asdict(run.args),
@@ -778,7 +792,8 @@ def save_checkpoint(run, step, record):
     if failed.item():
         raise error or PeerFailure("rank 0 could not write the checkpoint")
     if path is not None:
-        prune_checkpoints(path, run.args.keep_checkpoints)
+        parent = os.path.basename(run.args.resume).split("-step")[0] if run.args.resume else run.run_id
+        prune_checkpoints(path, run.args.keep_checkpoints, (f"{run.run_id}-", f"{parent}-"))
     return path
 
 
@@ -787,7 +802,12 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
     settings = [{k: v for k, v in group.items() if k != "params"} for group in adam.param_groups]
     try:
         model.load_state_dict(checkpoint["model"])
-        adam.load_state_dict(checkpoint["adam"])
+        # Adam puts its step counters where the saved groups' kernel wants them: say this run's kernel (a CPU
+        # checkpoint resumed on CUDA takes the fused one)
+        saved = checkpoint["adam"]
+        kernels = [{k: s[k] for k in ("fused", "foreach", "capturable") if k in s} for s in settings]
+        saved = dict(saved, param_groups=[dict(g, **k) for g, k in zip(saved["param_groups"], kernels)])
+        adam.load_state_dict(saved)
         muon.load_momentum_buffers(checkpoint["muon_momentum"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
@@ -801,9 +821,7 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
     for group, setting in zip(adam.param_groups, settings):
-        group.update(
-            setting
-        )  # this run's lrs, betas and fused kernel; load_state_dict brought the saved ones
+        group.update(setting)  # this run's lrs, betas and kernel; load_state_dict brought the saved ones
     broken = [
         name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()
     ]
@@ -922,13 +940,21 @@ def first_failure(error, rank, world_size):
         return reason
 
 
-def continue_command(run):
-    """The command that continues a stopped run: its launcher, and the flags a resume does not inherit."""
+def continue_command(run, step):
+    """The command that continues a stopped run from its checkpoint of `step` (that one: `latest` could be
+    another run's of the same name): its launcher, and the flags a resume does not inherit."""
     args, local = run.args, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     launcher = [sys.executable if "TORCHELASTIC_RUN_ID" not in os.environ else "torchrun"]
-    if launcher == ["torchrun"]:
-        launcher += ["--standalone"] if local == run.world_size else [f"--nnodes={run.world_size // local}"]
-        launcher += [f"--nproc_per_node={local}"]
+    if launcher == ["torchrun"] and local == run.world_size:
+        launcher += ["--standalone"]
+    elif launcher == ["torchrun"]:  # several nodes: the same rendezvous, on every node
+        endpoint = f"{os.environ.get('MASTER_ADDR', 'MASTER_ADDR')}:{os.environ.get('MASTER_PORT', 29500)}"
+        launcher += [
+            f"--nnodes={run.world_size // local}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+        ]
+    launcher += [f"--nproc_per_node={local}"] if launcher[0] == "torchrun" else []
     names = ["run_name", "records_dir", "checkpoint_dir", *fields_of_kind(type(args), "machine")]
     names = [name for name in names if name not in ("resume", "stop_at", "max_hours")]  # the user's to choose
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
@@ -937,7 +963,7 @@ def continue_command(run):
         for name in names
         if getattr(args, name) != defaults[name]
     ]
-    return shlex.join([*launcher, sys.argv[0], "--resume=latest", *flags])
+    return shlex.join([*launcher, sys.argv[0], f"--resume={checkpoint_path(run, step)}", *flags])
 
 
 def summary_line(latest, run, stop, finished):
@@ -1012,7 +1038,7 @@ def train_to_the_end(train, run, log, stop):
     finally:
         stop.phase = "finishing"
         if stopped and error is None:
-            stopped += f"; continue with: {continue_command(run)}"
+            stopped += f"; continue with: {continue_command(run, latest.step)}"
         finish_record(log, stopped, latest, run, stop)
         stop.phase = "shutdown"
         # DDP holds the process group: freed only at interpreter exit, gloo aborted 5 of 150 two-rank runs
@@ -1020,7 +1046,7 @@ def train_to_the_end(train, run, log, stop):
         gc.collect()  # DDP's reference cycles too
     if error or log.error:
         raise error or log.error
-    return 128 + stop.signal if stop.signal else 0  # a planned stop (--stop_at, --max_hours) is no failure
+    return 128 + stop.signal if stop.signal and stopped else 0  # a planned stop is no failure, nor a finish
 
 
 def main(run, argv):

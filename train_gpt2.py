@@ -421,7 +421,8 @@ class GPT(nn.Module):
             window = torch.tensor(self.window_tokens or idx.size(1), device=idx.device)
         if idx.is_cuda and torch.compiler.is_compiling():
             return flex_block_mask(docs, window)
-        return chunked_masks(docs, window, max(int(window) - 1, ATTENTION_CHUNK))
+        # a chunk >= the largest window - 1 is exact for every step's window, and static: no graph break
+        return chunked_masks(docs, window, max((self.window_tokens or idx.size(1)) - 1, ATTENTION_CHUNK))
 
     def forward(self, idx, targets=None, window=None, offset=None):
         """Mean loss over targets (-100: padding, left out), or logits; `window` and `offset` are tensors: the
@@ -689,11 +690,17 @@ def window_at(step, args):
     return start * (1 + (final - start) * step // (start * args.num_iterations)) if start else final
 
 
+def forward_kwargs(step, args, device):
+    """The model's keyword arguments at `step`: its attention window as a tensor (a fill: no sync; a tensor:
+    no recompile per value), or none."""
+    window = window_at(step, args)
+    return dict(window=torch.full((), window, device=device)) if window else {}
+
+
 def micro_batches(x, y, args, accum_steps, step, lost_context=None):
     """[(inputs, targets, forward kwargs, loss divisor)] of this rank's batch: accum_steps equal chunks, or
     with --micro_tokens pieces of each sequence cut at document starts (harness.document_micro_steps)."""
-    window = window_at(step, args)
-    kwargs = dict(window=torch.full((), window, device=x.device)) if window else {}  # a fill, no sync
+    window, kwargs = window_at(step, args), forward_kwargs(step, args, x.device)
     if args.micro_tokens and args.micro_tokens < args.seq_len:
         return harness.document_micro_steps(x, y, args, kwargs, window, lost_context)
     return [(xm, ym, kwargs, accum_steps) for xm, ym in zip(x.chunk(accum_steps), y.chunk(accum_steps))]
@@ -770,7 +777,8 @@ def train(run, log, stop, latest):
             clock.start()  # after compilation and warmup, in every (resumed) process
 
         # ---------------- validation and checkpoint, with the clock paused ----------------
-        if last_step or (args.val_loss_every and step % args.val_loss_every == 0):
+        # a stop saves first: torchrun kills its workers 30 s after forwarding a signal
+        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and not stop_now):
             with clock.paused():
                 latest.val_loss = evaluate(ddp, run.val_loader, args, accum_steps, run.world_size, step)
                 latest.val_step = step
@@ -851,7 +859,8 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
         )
         notes += checkpoint.get("notes", [])  # harness.resolve_args: changed flags, broken checkpoints
     compiled = compile_model(model) if args.compile else model
-    note = harness.choose_micro_steps(compiled, args, world_size, device)  # where auto: probed
+    kwargs = forward_kwargs(start_step, args, device)  # the probe calls the model as the first step will
+    note = harness.choose_micro_steps(compiled, args, world_size, device, kwargs)  # where auto: probed
     notes += [note] if note else []
     ddp = compiled
     if world_size > 1:  # bucket views: no second copy of the gradients

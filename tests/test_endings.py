@@ -319,6 +319,14 @@ def test_pruning_covers_the_checkpoints_of_the_runs_earlier_parts(shards, tmp_pa
     assert [n[-9:-3] for n in names if n != "mine.pt"] == ["000015", "000018"] and "mine.pt" in names
 
 
+def test_pruning_never_touches_another_run_of_the_same_name(shards, tmp_path, capsys):
+    for _ in range(2):  # two fresh runs of one --run_name, each keeping its own 2 newest checkpoints
+        assert train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--save_every=3", "--keep_checkpoints=2"]) == 0
+    names = sorted(os.listdir(f"{shards.checkpoint_dir}/run"))
+    assert len({name.split("-step")[0] for name in names}) == 2  # two run ids
+    assert sorted(name[-9:-3] for name in names) == ["000009", "000009", "000012", "000012"]
+
+
 @pytest.mark.parametrize(
     "flag",
     [

@@ -180,6 +180,18 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
         choose_device_batch_size(model, args, 1, torch.device("cpu"), fits=lambda size: False)
 
 
+def test_a_probe_whose_first_allocation_fails_does_not_fit(monkeypatch):
+    """Running out of memory already in the probe's reserve for the optimizer states is "does not fit"."""
+    args = parse_args(["--batch_size=8", "--seq_len=16", "--val_tokens=128"])
+    model = GPT(256, 1, 64, 2, 4, 10000.0, 30.0)
+
+    def out_of_memory(*shape, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(harness.torch, "empty", out_of_memory)
+    assert harness.probe_fits(model, args, 8, torch.device("cpu")) is False
+
+
 def test_auto_micro_batch_is_logged(shards, tmp_path, capsys):
     flags = [f for f in TINY_FLAGS if not f.startswith("--device_batch_size")]
     assert (

@@ -141,9 +141,8 @@ def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
     lines = read_record(records_dir).splitlines()
     assert re.fullmatch(r"checkpoint: .*/checkpoints/run/.*-step\d{6}\.pt", lines[-3])
     assert os.path.isfile(lines[-3].split(": ", 1)[1])
-    assert re.fullmatch(
-        r"stopped: SIGINT at step \d+: checkpoint saved; continue with: .* --resume=latest .*", lines[-2]
-    )
+    continued = r"continue with: .* --resume=\S+-step\d{6}\.pt .*"  # that checkpoint, not latest
+    assert re.fullmatch(r"stopped: SIGINT at step \d+: checkpoint saved; " + continued, lines[-2])
     assert lines[-1].startswith("summary: ") and "world_size:1" in lines[-1]
 
 
