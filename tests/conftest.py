@@ -34,6 +34,8 @@ TINY_FLAGS = [
     "--device=cpu",
     "--val_loss_every=5",
 ]
+# torchrun on this machine, as run.sh starts it: loopback for the workers' store; then --nproc_per_node=N
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1"]
 STEP_LINE = re.compile(
     r"^step:(\d+)/(\d+) (train_loss|val_loss):(\S+) train_time:(\d+)ms step_avg:(\S+)ms$", re.M
 )

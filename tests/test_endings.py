@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, learnable_tokens, read_record
+from conftest import ROOT, TINY_FLAGS, TORCHRUN, learnable_tokens, read_record
 
 import harness
 import train_gpt2
@@ -394,9 +394,8 @@ def shrinking(path, start, count):
 train_gpt2.read_tokens = shrinking
 sys.exit(train_gpt2.main(sys.argv[1:]))
 """)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1"]
     run = subprocess.run(
-        [*torchrun, "--nproc_per_node=2", str(script), *TINY_FLAGS, *shards, *STEPS],
+        [*TORCHRUN, "--nproc_per_node=2", str(script), *TINY_FLAGS, *shards, *STEPS],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, read_record
+from conftest import ROOT, TINY_FLAGS, TORCHRUN, read_record
 
 import harness
 import train_gpt2
@@ -240,11 +240,7 @@ sys.exit(train_gpt2.main(sys.argv[1:]))
 """)
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--local-addr=127.0.0.1",
+            *TORCHRUN,
             "--nproc_per_node=2",
             str(script),
             *TINY_FLAGS,
@@ -268,11 +264,7 @@ def test_a_checkpoint_that_fails_to_save_ends_every_rank(shards, tmpfs, tmp_path
     """Only rank 0 writes: its full disk must not leave rank 1 waiting in the next step's collectives."""
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--local-addr=127.0.0.1",
+            *TORCHRUN,
             "--nproc_per_node=2",
             "train_gpt2.py",
             *TINY_FLAGS,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, RunFlags, losses, parse_args, read_record
+from conftest import ROOT, TINY_FLAGS, TINY_VOCAB, TORCHRUN, RunFlags, losses, parse_args, read_record
 from torch.nn.attention.flex_attention import flex_attention
 
 import harness
@@ -348,7 +348,7 @@ def test_two_ranks_equal_one_for_the_64k_style_recipe_with_micro_steps(doc_shard
         ("one", []),
         (
             "two",
-            ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", "--nproc_per_node=2"],
+            [*TORCHRUN[1:], "--nproc_per_node=2"],
         ),
     ):
         cmd = [

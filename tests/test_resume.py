@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, losses, parse_args, read_record
+from conftest import ROOT, TINY_FLAGS, TORCHRUN, losses, parse_args, read_record
 
 import harness
 import train_gpt2
@@ -88,11 +88,7 @@ def test_resume_on_two_ranks_with_another_micro_batch_trains_the_same(shards, tm
     full, checkpoint = uninterrupted
     run = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--local-addr=127.0.0.1",
+            *TORCHRUN,
             "--nproc_per_node=2",
             "train_gpt2.py",
             f"--resume={checkpoint}",

@@ -20,15 +20,6 @@ PROMPT = "Once upon a time"
 SEQ_LEN = 16  # the tiny model's context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split; a second thread only waits for a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     """tiktoken's gpt2 encoding; the vocabulary comes from PyPI (openai-whisper sdist) if not cached yet."""

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, STEP_LINE, TINY_FLAGS, losses, read_record
+from conftest import ROOT, STEP_LINE, TINY_FLAGS, TORCHRUN, losses, read_record
 
 import train_gpt2
 
@@ -68,14 +68,10 @@ def test_golden_losses_of_a_fixed_tiny_config(shards, capsys):
 
 
 def run_script(flags, nproc=None, **popen):
-    launcher = (
-        ["-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1", f"--nproc_per_node={nproc}"]
-        if nproc
-        else []
-    )
+    launcher = [*TORCHRUN, f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, *launcher, os.path.join(ROOT, "train_gpt2.py"), *flags],
+        [*launcher, os.path.join(ROOT, "train_gpt2.py"), *flags],
         env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
