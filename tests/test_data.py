@@ -414,38 +414,21 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
     assert "mine.tmp" in err and "mine_train_000007.bin.tmp" in err  # ...and the leftovers were named
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # yet the folder holds the old shards, only
 
-    rc, _, err = run(
-        "fineweb.py",
-        [
-            "--input",
-            src / "bad.jsonl",
-            "--name",
-            "mine",
-            "--out_dir",
-            out,
-            "--shard_size",
-            10**4,
-            "--overwrite",
-        ],
-        tmp_path,
-    )
+    again = [
+        "--input",
+        src / "bad.jsonl",
+        "--name",
+        "mine",
+        "--out_dir",
+        out,
+        "--shard_size",
+        10**4,
+        "--overwrite",
+    ]
+    rc, _, err = run("fineweb.py", again, tmp_path)
     assert_one_line_error((rc, err), "bad.jsonl:301")
     (src / "bad.jsonl").write_text("\n".join(lines[:3]))
-    rc, _, err = run(
-        "fineweb.py",
-        [
-            "--input",
-            src / "bad.jsonl",
-            "--name",
-            "mine",
-            "--out_dir",
-            out,
-            "--shard_size",
-            10**4,
-            "--overwrite",
-        ],
-        tmp_path,
-    )
+    rc, _, err = run("fineweb.py", again, tmp_path)
     assert rc == 0, err
     check_stream(gpt2, out, "mine", [f"New document {i}." for i in range(3)], 10**4)
     assert [p.name for p in out.iterdir()] == [
