@@ -291,8 +291,6 @@ def load_model(path, device):
 def gpt2_encoding():
     from data.gpt2_vocab import ensure_gpt2
 
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and (ROOT / ".cache" / "tiktoken").is_dir():
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(ROOT / ".cache" / "tiktoken")  # seeded by data/gpt2_vocab.py
     try:
         return ensure_gpt2()
     except Exception as e:  # noqa: BLE001 -- no network, a broken cache: either way the same advice

@@ -24,8 +24,6 @@ from data.flags import FlagParser, at_least
 from harness import CheckpointError, load_trained_model
 from train_gpt2 import GPT, Hyperparameters
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 
 def fail(message):
     raise SystemExit(f"sample.py: {' '.join(str(message).split())}")  # always one line
@@ -88,9 +86,9 @@ def write_text(enc, ids):
 def gpt2_tokenizer():
     import tiktoken
 
-    seeded = os.path.join(ROOT, ".cache", "tiktoken")  # by data/gpt2_vocab.py
-    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(seeded):
-        os.environ["TIKTOKEN_CACHE_DIR"] = seeded
+    from data.gpt2_vocab import cache_dir
+
+    cache_dir()  # where data/gpt2_vocab.py seeds the vocabulary
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:

@@ -8,7 +8,7 @@ them as whisper/assets/gpt2.tiktoken (byte-identical to r50k_base.tiktoken). Fro
 we rebuild all three files, verify each against tiktoken's own sha256, and place them under
 their cache keys, so a plain `tiktoken.get_encoding("gpt2")` works afterwards, offline.
 
-    python data/gpt2_vocab.py   # seeds ./.cache/tiktoken (or $TIKTOKEN_CACHE_DIR)
+    python data/gpt2_vocab.py   # seeds ~/.cache/tiktoken ($XDG_CACHE_HOME/tiktoken, or $TIKTOKEN_CACHE_DIR)
 """
 
 import base64
@@ -22,8 +22,6 @@ import tarfile
 import tempfile
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CACHE = os.path.join(ROOT, ".cache", "tiktoken")
 _HOST = "https://openaipublic.blob.core.windows.net"
 R50K_URL = f"{_HOST}/encodings/r50k_base.tiktoken"
 _GPT2 = f"{_HOST}/gpt-2/encodings/main"
@@ -45,8 +43,11 @@ def _cache_path(cache_dir, url):
 
 
 def cache_dir():
-    """The folder tiktoken caches into; sets TIKTOKEN_CACHE_DIR (inherited by worker processes) if unset."""
-    d = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or DEFAULT_CACHE
+    """The folder tiktoken caches into: the user's cache folder (it survives a reboot, unlike tiktoken's own
+    default in /tmp), never the checkout; sets TIKTOKEN_CACHE_DIR (inherited by worker processes) if unset."""
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    d = d or os.path.join(user_cache, "tiktoken")
     os.environ["TIKTOKEN_CACHE_DIR"] = d
     return d
 

@@ -545,12 +545,15 @@ def report(h, opts, deadline, result):
     h.compile_s = time.monotonic() - started
     lines, result["compile"] = compile_lines(h, warmup_steps, h.compile_s)
     print("\n".join(lines), flush=True)
-    for phase, count in (("headline", min(opts.headline_steps, opts.steps)), ("breakdown", opts.steps)):
-        result["phase"] = phase
-        h.measured += h.run(count - len(h.measured))
-        result.update(breakdown(h.measured, h.args, opts.peak_tflops))
-        if phase == "headline":
-            print(headline_text(result), flush=True)
+    result["phase"] = "headline"
+    h.measured += h.run(min(opts.headline_steps, opts.steps))
+    result.update(breakdown(h.measured, h.args, opts.peak_tflops))
+    result["phase"] = (
+        "breakdown"  # before the headline is printed: a SIGTERM on reading it cuts the breakdown
+    )
+    print(headline_text(result), flush=True)
+    h.measured += h.run(opts.steps - len(h.measured))
+    result.update(breakdown(h.measured, h.args, opts.peak_tflops))
     peak = int(harness.peak_memory_mib(h.device))
     result.update(device=device_name, peak_memory_mib=peak, targets=targets(result))
     print(breakdown_text(result, device_name, peak), flush=True)

@@ -28,8 +28,6 @@ sys.path.insert(0, str(ROOT))
 from data.shards import HEADER_INTS, SHARD_MAGIC, check_shard, write_shard  # noqa: E402
 
 EOT = "<|endoftext|>"
-REPO_VOCAB_CACHE = ROOT / ".cache" / "tiktoken"  # where a user's run caches the vocabulary
-HAD_REPO_VOCAB_CACHE = REPO_VOCAB_CACHE.exists()
 
 
 def vocab_cache():
@@ -217,7 +215,7 @@ def gpt2():
     """tiktoken's gpt2 encoding; fetches the vocabulary from PyPI (openai-whisper sdist) if not cached yet."""
     from data.gpt2_vocab import ensure_gpt2
 
-    os.environ["TIKTOKEN_CACHE_DIR"] = vocab_cache()  # ensure_gpt2's default is the checkout's .cache/
+    os.environ["TIKTOKEN_CACHE_DIR"] = vocab_cache()  # never the checkout
     return ensure_gpt2()
 
 
@@ -510,7 +508,12 @@ def test_name_must_be_a_plain_name(tmp_path, name):
     assert not (ROOT / "escaped").exists()
 
 
-def test_the_checkout_gets_no_vocabulary_cache(gpt2):
-    """The tests cache the GPT-2 vocabulary outside the checkout (a user's run caches it in its .cache/)."""
-    assert not Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve().is_relative_to(ROOT)
-    assert REPO_VOCAB_CACHE.exists() == HAD_REPO_VOCAB_CACHE  # earlier tests here ran fineweb.py and seeded
+def test_the_vocabulary_is_cached_in_the_users_cache_folder_never_the_checkout(gpt2, tmp_path):
+    """The tools cache the GPT-2 vocabulary where it survives a reboot: $XDG_CACHE_HOME or ~/.cache."""
+    assert not Path(os.environ["TIKTOKEN_CACHE_DIR"]).resolve().is_relative_to(ROOT)  # the suite's own
+    code = "from data.gpt2_vocab import cache_dir; print(cache_dir())"
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    for extra, expected in (({"XDG_CACHE_HOME": str(tmp_path / "xdg")}, tmp_path / "xdg"), ({}, tmp_path)):
+        env = {k: v for k, v in env.items() if k != "XDG_CACHE_HOME"} | extra | {"HOME": str(tmp_path)}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == str(expected / ("tiktoken" if extra else ".cache/tiktoken")), out.stderr
