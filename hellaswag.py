@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.flags import FlagParser, at_least
+from data.flags import FlagParser, at_least, run_tool
 from harness import CheckpointError, load_trained_model
 from train_gpt2 import GPT, Hyperparameters, cast_model, compute_dtype
 
@@ -413,8 +413,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("hellaswag.py: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_tool(main, "hellaswag.py")

@@ -27,7 +27,7 @@ import warnings
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.flags import FlagParser  # noqa: E402  one-line errors, no abbreviations, as every tool
+from data.flags import FlagParser, run_tool  # noqa: E402  one-line errors, no abbreviations, as every tool
 
 DIVIDER = "=" * 100
 FILE_RULE = "-" * 40  # a '# <name>' line between two of these starts a further source file
@@ -1148,8 +1148,4 @@ def report_once(args):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("compare.py: stopped (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    run_tool(main, "compare.py")
