@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
 
 
 def write_shard(path, tokens):
@@ -35,22 +36,27 @@ def write_shard(path, tokens):
         raise
 
 
-def check_shard(path):
-    """Return the token count of the shard at `path`.
-
-    Raises ValueError (one line, naming the file) if it is malformed."""
-    size = os.path.getsize(path)
-    if size < 4 * HEADER_INTS:
-        raise ValueError(f"{path}: too short for a shard header ({size} bytes < {4 * HEADER_INTS})")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+def check_shard(path, error=ValueError):
+    """The token count of the shard at `path`, after checking its header against its size; anything else is
+    `error` (the trainer's own ShardError, or ValueError), one line naming the file and what to do."""
+    try:
+        header, size = np.fromfile(path, dtype=np.int32, count=HEADER_INTS), os.path.getsize(path)
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror})") from None
+    if header.size < HEADER_INTS:
+        raise error(f"{path}: {size} bytes is too short for the {HEADER_BYTES}-byte shard header")
     if header[0] != SHARD_MAGIC:
-        raise ValueError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC}): not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise ValueError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
-    n = int(header[2])
-    if n < 0 or size != 4 * HEADER_INTS + 2 * n:
-        raise ValueError(
-            f"{path}: header says {n} tokens ({4 * HEADER_INTS + 2 * n} bytes) "
-            f"but the file has {size} bytes: truncated or corrupt"
+        raise error(
+            f"{path}: magic number {header[0]} is not {SHARD_MAGIC}: not an llm.c/FineWeb token shard"
         )
-    return n
+    if header[1] != SHARD_VERSION:
+        raise error(
+            f"{path}: shard version {header[1]} is not {SHARD_VERSION}: re-tokenize with data/fineweb.py"
+        )
+    num_tokens = int(header[2])
+    if num_tokens < 0 or size != HEADER_BYTES + 2 * num_tokens:
+        raise error(
+            f"{path}: header says {num_tokens} tokens ({HEADER_BYTES + 2 * num_tokens} bytes) but the file "
+            f"has {size} bytes: truncated or corrupt, download or tokenize it again"
+        )
+    return num_tokens

@@ -86,7 +86,7 @@ def test_check_shard_accepts_a_good_shard_and_names_each_problem(tmp_path):
 
     cases = {
         "short": (b"\0" * 100, "too short"),
-        "magic": (b"\1" * 4 + shard_bytes([1])[4:], "wrong magic"),
+        "magic": (b"\1" * 4 + shard_bytes([1])[4:], "magic number"),
         "version": (shard_bytes([1])[:4] + np.int32(2).tobytes() + shard_bytes([1])[8:], "version 2"),
         "truncated": (shard_bytes([1, 2, 3])[:-2], "truncated"),
         "extra": (shard_bytes([1, 2, 3]) + b"xx", "1030 bytes"),
