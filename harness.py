@@ -6,7 +6,6 @@ train_gpt2: the recipe hands it the Hyperparameters class, its modules and its s
 """
 
 import argparse
-import bisect
 import dataclasses
 import errno
 import gc
@@ -30,6 +29,8 @@ from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
+
+from data.flags import FlagParser
 
 # ----------------------------------------------------------------------------------------------
 # Errors: each becomes one line on stderr and exit status 1
@@ -77,16 +78,78 @@ FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 LEARNING_RATE = (lambda v: 0 < v < 1e38, "must be positive and within float32 (below 1e38)")
 AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
 SEED = (lambda v: -(2**63) <= v < 2**64, "must fit in 64 bits, as torch.manual_seed takes it")
+RUN_NAME = (
+    lambda v: re.fullmatch(r"\w[\w.-]*", v),
+    "takes letters, digits, '.', '_' and '-', and starts with a letter or digit",
+)
+CLOCK_TIME = (lambda v: not v or re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v), "takes HH:MM, 00:00 to 23:59")
+DEVICES = (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
+
+# What a flag's kind means for a resumed run and for the command that continues a stopped one
+KINDS = dict(
+    recipe="what is trained: inherited from the checkpoint, a change noted in the record",
+    shape="the model's shape: inherited, a change refused",
+    output="where and how often the run reports and saves: inherited, a change not noted; repeated in the "
+    "continue command",
+    machine="this run's hardware: not inherited, repeated in the continue command",
+    this_run="this process only: neither inherited nor repeated",
+)
 
 
 def knob(default, help, rule=None, kind="recipe"):
     """A Hyperparameters field: its default, its --help text, the (test, reason) its value must pass, and its
-    kind: `shape` (a checkpoint fixes it), `machine` (this run's hardware: a resume does not inherit it)."""
+    kind (KINDS)."""
     return field(default=default, metadata=dict(help=help, rule=rule, kind=kind))
 
 
-def fields_of_kind(cls, kind):
-    return [f.name for f in dataclasses.fields(cls) if f.metadata["kind"] == kind]
+@dataclasses.dataclass
+class RunFlags:
+    """The flags that are not the recipe's, each declared once with its kind: the recipe's Hyperparameters
+    adds its knobs to them."""
+
+    run_name: str = knob(
+        "run", "record name: the log goes to records_dir/<date>_<run_name>/", RUN_NAME, "output"
+    )
+    records_dir: str = knob("records", "where run logs are written", None, "output")
+    checkpoint_dir: str = knob(
+        "checkpoints", "where checkpoints go (outside records/: they are large)", None, "output"
+    )
+    save_every: int = knob(0, "checkpoint every this many steps; 0 = off", NON_NEGATIVE, "output")
+    save_every_minutes: float = knob(
+        30.0, "checkpoint every this many minutes; 0 = off", NON_NEGATIVE, "output"
+    )
+    keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE, "output")
+    progress_seconds: float = knob(10.0, "console progress line this often; 0 = off", NON_NEGATIVE, "output")
+    val_loss_every: int = knob(
+        125, "validate every this many steps, at 0 and at the end; 0: the end", NON_NEGATIVE, "output"
+    )
+    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu", DEVICES, "machine")
+    device_batch_size: int | None = knob(
+        None, "sequences per micro-step; auto: most that fit", POSITIVE, "machine"
+    )
+    micro_tokens: int | None = knob(
+        None, "micro-step tokens (sequences cut where documents start); auto: as needed", POSITIVE, "machine"
+    )
+    compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
+    memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
+    resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "this_run")
+    stop_at: str = knob(
+        "", "checkpoint and stop at the next HH:MM (local time); exit 0", CLOCK_TIME, "this_run"
+    )
+    max_hours: float = knob(
+        0.0, "checkpoint and stop after this many hours; exit 0; 0 = off", NON_NEGATIVE, "this_run"
+    )
+
+
+def flag_fields(cls):
+    """The fields, as --help and the record list them: the recipe's knobs first, then RunFlags'."""
+    run_flags = {f.name for f in dataclasses.fields(RunFlags)}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in run_flags] + [f for f in fields if f.name in run_flags]
+
+
+def fields_of_kind(cls, *kinds):
+    return [f.name for f in dataclasses.fields(cls) if f.metadata["kind"] in kinds]
 
 
 def check_fields(args):
@@ -104,7 +167,7 @@ def flag_text(value):
 
 
 def as_flags(args):
-    return [f"--{f.name}={flag_text(getattr(args, f.name))}" for f in dataclasses.fields(args)]
+    return [f"--{f.name}={flag_text(getattr(args, f.name))}" for f in flag_fields(type(args))]
 
 
 def flag_type(kind):
@@ -124,21 +187,16 @@ def flag_type(kind):
     return convert
 
 
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, raised, instead of usage text and sys.exit(2)
-        raise ConfigError(f"{message} (see --help)")
-
-
 def flag_parser(cls, description=""):
     parser = FlagParser(
+        error_type=ConfigError,
         prog="train_gpt2.py",
         usage="%(prog)s [--name value | --name=value ...]",
-        allow_abbrev=False,
         description=description,
         argument_default=argparse.SUPPRESS,
         epilog="Flags take --name value or --name=value.",
     )
-    for f in dataclasses.fields(cls):
+    for f in flag_fields(cls):
         is_bool = bool in getattr(f.type, "__args__", (f.type,))
         parser.add_argument(
             f"--{f.name}",
@@ -161,20 +219,20 @@ def parse_args(cls, argv):
 
 
 def with_recipe(cls, flags, inherited=None):
-    """cls from its defaults, under its named recipe's (cls.RECIPES), under a resumed checkpoint's values,
-    under the flags given: a recipe's defaults never override what a checkpoint inherits."""
+    """cls from its defaults, under its named recipe's flags (cls.RECIPES), under a resumed checkpoint's
+    values, under the flags given: a recipe's flags never override what a checkpoint inherits."""
     inherited, recipes = inherited or {}, getattr(cls, "RECIPES", {})
     if not recipes:
         return cls(**{**inherited, **flags})
-    trained = inherited.get("recipe", cls.recipe)  # a checkpoint from before --recipe: the default one
+    trained = inherited.get("recipe", cls.recipe)
     name = flags.get("recipe", trained)
     if inherited and name != trained:
         raise CheckpointError(
             f"--recipe={name}, but the checkpoint was trained with --recipe={trained}: a resume continues "
             f"its recipe (give single flags to change its knobs)"
         )
-    recipe_defaults = recipes.get(name, {})  # an unknown name fails cls's own check
-    return cls(**{**recipe_defaults, **inherited, **flags})
+    recipe_flags = parse_flags(cls, recipes[name].split()) if name in recipes else {}  # else cls's own check
+    return cls(**{**recipe_flags, **inherited, **flags})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +273,8 @@ class RunLog:
                 self(
                     f"console: lost ({type(e).__name__}: {e}): output only to this record from here on", False
                 )
-        if (
-            record and self.error is None
-        ):  # after a failure, the console only: no line goes missing mid-record
+        # after a failure, the console only: no line goes missing mid-record
+        if record and self.error is None:
             data, written = (line + "\n").encode(), 0
             try:
                 while written < len(data):
@@ -280,7 +337,8 @@ def project_sources(recipe):
             return
         seen.add(module.__name__)
         files.append(path)
-        for value in vars(module).values():
+        package = sys.modules.get(module.__name__.rpartition(".")[0]) or sys  # imported with its submodule
+        for value in [package, *vars(module).values()]:
             used = value if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
             visit(sys.modules.get(used) if isinstance(used, str) else used or sys)
 
@@ -294,9 +352,8 @@ def open_record(run, recipe, notes):
     """The record file (rank 0): every source file, environment, flags and notes, in the speedrun layout."""
     args, device, rank = run.args, run.device, run.rank
     path = os.path.join(record_folder(args, run.started), f"{run.run_id}.txt")
-    environment = (
-        environment_lines(device) if rank == 0 else []
-    )  # nvidia-smi may take seconds: before the file
+    # nvidia-smi may take seconds: asked before the file exists
+    environment = environment_lines(device) if rank == 0 else []
     log = RunLog(path if rank == 0 else None)
     for index, (name, source_path) in enumerate(project_sources(recipe)):
         with open(source_path) as f:
@@ -351,27 +408,6 @@ class Clock:
             self.start()
 
 
-@dataclasses.dataclass
-class Latest:
-    """What the run has reached: the last finished step and the last validation, for the summary."""
-
-    step: int
-    val_loss: float = float("nan")
-    val_step: int | None = None
-
-
-def progress_line(step, args, train_loss, steps_per_s, clock):
-    """The console's progress; the ETA comes from timed steps only, once there are any."""
-    line = f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s"
-    if not clock.timed_steps:
-        return line + f" | untimed warmup steps ({args.untimed_steps}{', compiling' if args.compile else ''})"
-    eta = (args.num_iterations - step) * clock.train_ms / clock.timed_steps / 1000
-    return (
-        f"{line} {steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
-        f"{timedelta(seconds=round(clock.train_ms / 1000))} eta {timedelta(seconds=round(eta))}"
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Start-up: output folders and input checks, before anything slow
 
@@ -404,6 +440,20 @@ def prepare_outputs(args, started):
         f"writing when it was killed: delete it"
         for path in stale
     ]
+
+
+def start_up(args, rank, world_size, device):
+    """What comes before anything slow: the batch split checked, the memory cap, compile's default, the run's
+    id and its output folders (proven writable). Returns (start time, run id, notes for the record)."""
+    args.grad_accum_steps(world_size)
+    cap_memory(args, device)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    started, run_id = new_run_id()
+    notes = prepare_outputs(args, started) if rank == 0 else []
+    for note in notes:
+        with suppress(OSError):  # a console already gone: the record still gets the note
+            print(note, flush=True)
+    return started, run_id, notes
 
 
 def check_data(args, train_loader, val_loader):
@@ -449,6 +499,13 @@ def model_fits(device):
         ) from None
 
 
+def all_reduce(tensor, world_size, op=dist.ReduceOp.SUM):
+    """The tensor reduced over all ranks, in place (SUM by default: gloo has no AVG)."""
+    if world_size > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def cap_memory(args, device):
     if args.memory_limit_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
@@ -459,31 +516,13 @@ def cap_memory(args, device):
 # The micro-batch probe: the largest micro-batch that fits this device
 
 
-def document_pieces(starts, seq_len, size, window):
-    """([(start, end)], lost): 0..seq_len cut into pieces of at most `size` tokens, each ending at the last
-    document start in reach (`starts`: ascending positions of the tokens that open documents). The rule for a
-    document longer than a piece: it is cut after `size` tokens, and the tokens after a cut that would have
-    seen (within `window`) tokens before it lose that context: `lost` counts them."""
-    starts, pieces, start, lost, lost_until = [0] + sorted(starts) + [seq_len], [], 0, 0, 0
-    while start < seq_len:
-        end = starts[bisect.bisect_right(starts, start + size) - 1]
-        if end <= start:  # no document start in reach: cut inside the document
-            end = start + size
-            next_start = starts[bisect.bisect_right(starts, end - 1)]  # where the cut document ends
-            until = min(end - 1 + window, next_start)  # query i saw key end-1 iff i - (end-1) < window
-            lost, lost_until = lost + max(0, until - max(end, lost_until)), max(lost_until, until)
-        pieces.append((start, end))
-        start = end
-    return pieces, lost
-
-
 def probe_fits(model, args, size, device, tokens=None, forward_kwargs=None):
     """Whether a real forward+backward of `size` sequences (of `tokens` tokens, default seq_len) fits, beside
     room for the optimizer states.
     `model` is the compiled model training will use: eager needs far more memory (unfused softcap and loss).
     It is called as training calls it (inputs and targets two views of one window, as the loader makes them;
     the step's forward_kwargs; a rotary offset for a piece of a sequence), so training reuses the graph."""
-    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # Adam, Muon, DDP buckets
+    state_bytes = optimizer_state_bytes(model)
     kwargs = dict(forward_kwargs or {}, **({"offset": torch.tensor(0, device=device)} if tokens else {}))
     reserve = window = None
     try:
@@ -501,20 +540,21 @@ def probe_fits(model, args, size, device, tokens=None, forward_kwargs=None):
         torch.cuda.empty_cache()
 
 
-def activation_bytes(args, size, device):
-    """What the compiled forward keeps for the backward, estimated: 21 activations of model_dim per layer and
-    the logits, per token (traced with inductor's decompositions: 29-30 GiB at 64x1024 for the 124M model)."""
+def optimizer_state_bytes(model):
+    """Room for what training adds beside the activations: Adam's and Muon's states and DDP's buckets."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def activation_bytes(model, args, size, device):
+    """What the compiled forward keeps for the backward, as the model estimates it per token."""
     per_value = 2 if device.type == "cuda" else 4  # bf16 on CUDA, fp32 on the CPU
-    return size * args.seq_len * (args.num_layers * 21 * args.model_dim + args.vocab_size) * per_value
+    return size * args.seq_len * model.activation_values_per_token() * per_value
 
 
 def smallest_of_all_ranks(chosen, world_size, device):
     """The smallest of every rank's choice, so all ranks run the same micro-steps; the peak memory counts
     from here, after the probe."""
-    if world_size > 1:
-        chosen_tensor = torch.tensor(chosen, device=device)
-        dist.all_reduce(chosen_tensor, op=dist.ReduceOp.MIN)
-        chosen = int(chosen_tensor)
+    chosen = int(all_reduce(torch.tensor(chosen, device=device), world_size, dist.ReduceOp.MIN))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return chosen
@@ -531,10 +571,17 @@ def choose_device_batch_size(model, args, world_size, device, fits=None, forward
         return candidates[0], "auto on CPU: no memory probe, the largest candidate"
     estimate = ""
     if fits is None:
-        state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-        free = torch.cuda.mem_get_info(device)[0] - state_bytes if device.type == "cuda" else math.inf
-        candidates = [size for size in candidates if activation_bytes(args, size, device) <= free] or [1]
-        estimate = f"; estimated activations {activation_bytes(args, candidates[0], device) / 2**30:.1f} GiB"
+        free = (
+            torch.cuda.mem_get_info(device)[0] - optimizer_state_bytes(model)
+            if device.type == "cuda"
+            else math.inf
+        )
+        candidates = [size for size in candidates if activation_bytes(model, args, size, device) <= free] or [
+            1
+        ]
+        estimate = (
+            f"; estimated activations {activation_bytes(model, args, candidates[0], device) / 2**30:.1f} GiB"
+        )
         estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
         fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
     chosen = next((size for size in candidates if fits(size)), None)
@@ -552,11 +599,6 @@ def choose_micro_steps(model, args, world_size, device, forward_kwargs=None):
     at document starts is exact only under --document_mask); the note for the record, or None. The probe
     calls the model with the first step's `forward_kwargs`, as training will."""
     if args.micro_tokens and args.micro_tokens < args.seq_len:
-        if not args.document_mask:
-            raise ConfigError(
-                f"--micro_tokens={args.micro_tokens} cuts sequences at document starts, exact only under "
-                f"--document_mask; without it use --device_batch_size"
-            )
         args.device_batch_size = 1  # a micro-step is a piece of one sequence
     if args.device_batch_size is not None:
         return None
@@ -570,31 +612,10 @@ def choose_micro_steps(model, args, world_size, device, forward_kwargs=None):
         args.micro_tokens, reason = choose_micro_tokens(model, args, world_size, device, None, forward_kwargs)
         args.device_batch_size, reason = 1, f"{reason}: --micro_tokens={args.micro_tokens}"
     if world_size > 1 and args.compile:
-        # The probe compiled outside DDP; dynamo splits a graph for DDP's bucketed all-reduce only when it
-        # compiles it: forget the probe's graphs, training compiles once more inside DDP (read in torch 2.13).
+        # The probe compiled outside DDP, and dynamo splits a graph for DDP's bucketed all-reduce only when it
+        # compiles it: forget the probe's graphs, so that training compiles once more inside DDP.
         torch._dynamo.reset()
     return f"device_batch_size: {args.device_batch_size} ({reason})"
-
-
-def document_micro_steps(x, y, args, kwargs, window, lost_context=None):
-    """[(inputs, targets, forward kwargs, loss divisor)]: each of this rank's sequences cut at document starts
-    (document_pieces), where no attention crosses; each piece padded to micro_tokens (one static shape: no
-    recompiles) with targets -100 (outside the loss; causal attention keeps the padding out of every real
-    query's view), its rotary positions offset to where it lies, and its loss divided by the rank's tokens
-    over its own: the sums equal the whole sequences' loss and gradients."""
-    steps, size = [], args.micro_tokens
-    for row_x, row_y in zip(x, y):
-        starts = (row_x == args.eot_token).nonzero().flatten().tolist()
-        pieces, lost = document_pieces(starts, args.seq_len, size, window or args.seq_len)
-        for start, end in pieces:
-            pad = (0, size - (end - start))
-            xm = torch.nn.functional.pad(row_x[start:end], pad, value=args.eot_token)
-            ym = torch.nn.functional.pad(row_y[start:end], pad, value=-100)
-            offset = torch.tensor(start, device=x.device)
-            steps.append((xm[None], ym[None], dict(kwargs, offset=offset), x.numel() / (end - start)))
-        if lost_context is not None:
-            lost_context.append(lost)
-    return steps
 
 
 def choose_micro_tokens(model, args, world_size, device, fits=None, forward_kwargs=None):
@@ -613,7 +634,7 @@ def choose_micro_tokens(model, args, world_size, device, fits=None, forward_kwar
 # Checkpoints and resume
 
 CHECKPOINT_FORMAT = "train_gpt2 checkpoint"
-CHECKPOINT_KEYS = {"hyperparameters", "step", "model", "adam", "muon_momentum", "data", "rng", "train_ms"}
+CHECKPOINT_KEYS = {"hyperparameters", "step", "model", "optimizers", "data", "rng", "train_ms"}
 CHECKPOINT_KEYS |= {"timed_steps", "record"}
 
 
@@ -625,9 +646,8 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle with code, ...: all mean "not a checkpoint we wrote"
-        reason = " ".join(str(e).split()).split(". ")[
-            0
-        ]  # the first sentence: torch's advice that follows is unsafe
+        # the first sentence only: the advice torch gives after it (weights_only=False) is unsafe
+        reason = " ".join(str(e).split()).split(". ")[0]
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
@@ -676,7 +696,7 @@ def resolve_args(cls, argv, description=""):
         raise CheckpointError(
             f"{path} lacks {', '.join(sorted(missing))}: not a complete training checkpoint"
         )
-    known = {f.name for f in dataclasses.fields(cls)} - set(fields_of_kind(cls, "machine"))
+    known = fields_of_kind(cls, "recipe", "shape", "output")
     inherited = {k: v for k, v in checkpoint["hyperparameters"].items() if k in known}
     args = with_recipe(cls, {**flags, "resume": path}, inherited)
     for name in shape:
@@ -693,14 +713,9 @@ def resolve_args(cls, argv, description=""):
     checkpoint["notes"] = checkpoint.get("notes", []) + [  # for the record: build_run adds them
         f"resume_changes: --{name}={flag_text(getattr(args, name))} (the checkpoint's: {flag_text(old)})"
         for name, old in inherited.items()
-        if getattr(args, name) != old and name not in OUTPUT_FLAGS
+        if getattr(args, name) != old and name in fields_of_kind(cls, "recipe")
     ]
     return args, checkpoint
-
-
-# flags that change where and how often a run reports and saves, never what it trains: no resume note
-OUTPUT_FLAGS = {"run_name", "records_dir", "checkpoint_dir", "save_every", "save_every_minutes"}
-OUTPUT_FLAGS |= {"keep_checkpoints", "progress_seconds", "val_loss_every"}
 
 
 def checkpoints_by_step(folder):
@@ -757,16 +772,17 @@ def prune_checkpoints(path, keep, parts):
 
 def save_checkpoint(run, step, record):
     """Everything a resumed run needs, written atomically (temp file, then rename) by rank 0, which prunes
-    older ones and returns its path; a failure to write it ends every rank (agreed by an all-reduce)."""
+    older ones and returns its path; a failure to write it ends every rank (agreed by an all-reduce). The
+    optimizers and the loader are saved through their state_dict(), which every rank calls: Muon's gathers
+    every rank's momentum, so a checkpoint resumes on any world size."""
     path = checkpoint_path(run, step) if run.rank == 0 else None
     state = dict(
         format=CHECKPOINT_FORMAT,
         hyperparameters=dataclasses.asdict(run.args),
         step=step,
         model=run.model.state_dict(),
-        adam=run.adam.state_dict(),
-        muon_momentum=run.muon.momentum_buffers(),
-        data=run.train_loader.state(),
+        optimizers={name: optimizer.state_dict() for name, optimizer in run.optimizers.items()},
+        data=run.train_loader.state_dict(),
         train_ms=run.clock.train_ms,
         timed_steps=run.clock.timed_steps,
         record=record,
@@ -777,7 +793,7 @@ def save_checkpoint(run, step, record):
     )
     error = None
     try:
-        if path is not None:  # ranks other than 0 only take part in the momentum gather
+        if path is not None:
             os.makedirs(os.path.dirname(path), exist_ok=True)  # deleted mid-run: made again
             torch.save(state, path + ".tmp")
             os.replace(path + ".tmp", path)  # never a half-written file under the final name
@@ -786,10 +802,7 @@ def save_checkpoint(run, step, record):
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
         error = output_error(path, OSError(errno.ENOSPC if full else errno.EIO, str(e)))
-    failed = torch.tensor(float(error is not None), device=run.train_loader.device)
-    if run.world_size > 1:
-        dist.all_reduce(failed)
-    if failed.item():
+    if all_reduce(torch.tensor(float(error is not None), device=run.device), run.world_size).item():
         raise error or PeerFailure("rank 0 could not write the checkpoint")
     if path is not None:
         parent = os.path.basename(run.args.resume).split("-step")[0] if run.args.resume else run.run_id
@@ -797,18 +810,24 @@ def save_checkpoint(run, step, record):
     return path
 
 
-def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
-    """Load a checkpoint into a freshly built run; returns (the step to continue from, the clock)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in adam.param_groups]
+def load_optimizer_state(optimizer, saved):
+    """A saved optimizer state under this run's settings of each group (lrs, betas, kernel): Adam puts its
+    step counters where the groups' kernel wants them, so a CPU checkpoint resumed on CUDA takes the fused
+    kernel."""
+    if "param_groups" in saved:
+        own = optimizer.state_dict()["param_groups"]
+        saved = dict(
+            saved, param_groups=[dict(o, params=s["params"]) for o, s in zip(own, saved["param_groups"])]
+        )
+    optimizer.load_state_dict(saved)
+
+
+def restore_checkpoint(checkpoint, path, model, optimizers, train_loader, device):
+    """Load a checkpoint into a freshly built run's parts; returns (the step to continue from, the clock)."""
     try:
         model.load_state_dict(checkpoint["model"])
-        # Adam puts its step counters where the saved groups' kernel wants them: say this run's kernel (a CPU
-        # checkpoint resumed on CUDA takes the fused one)
-        saved = checkpoint["adam"]
-        kernels = [{k: s[k] for k in ("fused", "foreach", "capturable") if k in s} for s in settings]
-        saved = dict(saved, param_groups=[dict(g, **k) for g, k in zip(saved["param_groups"], kernels)])
-        adam.load_state_dict(saved)
-        muon.load_momentum_buffers(checkpoint["muon_momentum"])
+        for name, optimizer in optimizers.items():
+            load_optimizer_state(optimizer, checkpoint["optimizers"][name])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if torch.cuda.is_available() and checkpoint["rng"]["cuda"].numel():
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -820,8 +839,6 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
             f"{path} does not match the model its own flags describe "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
-    for group, setting in zip(adam.param_groups, settings):
-        group.update(setting)  # this run's lrs, betas and kernel; load_state_dict brought the saved ones
     broken = [
         name for name, p in model.state_dict().items() if p.is_floating_point() and not p.isfinite().all()
     ]
@@ -830,8 +847,8 @@ def restore_checkpoint(checkpoint, path, model, adam, muon, train_loader):
             f"checkpoint {path} holds non-finite weights ({broken[0]}{' and more' if broken[1:] else ''}): "
             f"the run had diverged when it was saved; resume from an earlier checkpoint"
         )
-    train_loader.seek(**data)
-    return step, Clock(train_loader.device, train_ms, timed_steps)
+    train_loader.load_state_dict(data)
+    return step, Clock(device, train_ms, timed_steps)
 
 
 def free_bytes(folder):
@@ -841,11 +858,204 @@ def free_bytes(folder):
         return math.inf
 
 
-def save_due(args, step, last_save):
-    """Whether --save_every or --save_every_minutes asks for a checkpoint after `step`."""
-    every_steps = bool(args.save_every and step % args.save_every == 0)
-    return every_steps or bool(
-        args.save_every_minutes and time.monotonic() - last_save >= 60 * args.save_every_minutes
+# ----------------------------------------------------------------------------------------------
+# The run, and the bookkeeping of its loop
+
+
+@dataclasses.dataclass
+class Run:
+    """One run's parts, built by the recipe's build_run() and stepped by its train(). The harness saves and
+    restores the optimizers and the loader through their state_dict() and load_state_dict() only."""
+
+    args: object  # the recipe's Hyperparameters
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # the parameters, which the optimizers and checkpoints hold
+    training_model: torch.nn.Module  # the model as train() calls it: compiled, and in DDP on several ranks
+    optimizers: dict  # name -> optimizer
+    train_loader: object
+    val_loader: object
+    accum_steps: int
+    start_step: int = 0
+    clock: Clock = None
+    started: datetime = None  # the record's folder is dated by it
+    run_id: str = ""
+
+
+class Monitor:
+    """What train() hands over a few times a step: when to validate and to save, the one vote of every rank
+    per step (the loss, a stop, a save), the step and progress lines. As a context manager it holds the
+    record: it opens it, and on the way out writes its last lines however the run ended."""
+
+    def __init__(self, run, stop, recipe, notes):
+        self.run, self.args, self.stop = run, run.args, stop
+        self.log = open_record(run, recipe, notes)
+        self.step, self.val_loss, self.val_step = run.start_step, float("nan"), None  # for the summary
+        self.save_agreed = self.stop_agreed = False
+        self.data_error = self.stopped = None
+        self.lost_context = []  # per sequence: tokens that lost context at a --micro_tokens cut
+        self.last_save = self.progress_at = time.monotonic()
+        self.progress_step, self.exit_status = run.start_step, 0
+        self._start_clock_after(run.start_step)
+
+    def _start_clock_after(self, step):
+        if step == self.run.start_step + self.args.untimed_steps:
+            self.run.clock.start()  # after compilation and warmup, in every (resumed) process
+
+    def validation_due(self, step):
+        every = self.args.val_loss_every
+        return step == self.args.num_iterations or bool(every and step % every == 0 and not self.stop_agreed)
+
+    def untimed(self):
+        return self.run.clock.paused()
+
+    def validated(self, step, val_loss):
+        self.val_loss, self.val_step = val_loss, step
+        self.log(f"step:{step}/{self.args.num_iterations} val_loss:{val_loss:.4f} {self.run.clock}")
+
+    def checkpoint_due(self, step):
+        """A save every rank agreed on, a stop (which saves first: torchrun kills its workers 30 s after it
+        forwards a signal), or the end of a run that saves at all."""
+        args = self.args
+        at_the_end = step == args.num_iterations and bool(args.save_every or args.save_every_minutes)
+        return step > self.run.start_step and (self.save_agreed or self.stop_agreed or at_the_end)
+
+    def save(self, step):
+        with self.untimed():
+            path = save_checkpoint(self.run, step, self.log.path)  # and prunes the older ones
+        self.last_save = time.monotonic()
+        self.log(f"checkpoint: {path}", record=self.stop_agreed or step == self.args.num_iterations)
+
+    def end(self, step):
+        """None at the last step; at a stop every rank agreed on, why (a data error ends the run here, raised
+        on the rank that met it, which names it, and as a peer failure on the others)."""
+        if step == self.args.num_iterations:
+            if self.lost_context:
+                self.log(f"context: {sum(self.lost_context)} train tokens lost context at micro_tokens cuts")
+            return None
+        failed = all_reduce(
+            torch.tensor(float(self.data_error is not None), device=self.run.device), self.run.world_size
+        )
+        if self.data_error:
+            raise data_error_saved(self.data_error, step)
+        if failed.item():
+            raise PeerFailure("another rank met a data error")
+        self.stopped = f"{self.log.error or self.stop.reason()} at step {step}: checkpoint saved"
+        return self.stopped
+
+    def after_step(self, step, train_loss, data_error=None):
+        """The one host sync of a step: every rank agrees on the mean loss, a stop (a signal, the planned
+        time, a record the disk cannot take, a data error met by the loader's prefetch) and a save."""
+        run, args = self.run, self.args
+        self.data_error = data_error
+        stop_wanted = self.stop.requested() or self.log.error is not None or data_error is not None
+        save_wanted = bool(args.save_every and step % args.save_every == 0) or bool(
+            args.save_every_minutes and time.monotonic() - self.last_save >= 60 * args.save_every_minutes
+        )
+        votes = torch.stack(
+            [train_loss, torch.full_like(train_loss, stop_wanted), torch.full_like(train_loss, save_wanted)]
+        )
+        loss_sum, stop_votes, save_votes = all_reduce(votes, run.world_size).tolist()
+        run.clock.lap()
+        train_loss, self.stop_agreed, self.save_agreed = (
+            loss_sum / run.world_size,
+            stop_votes > 0,
+            save_votes > 0,
+        )
+        self.step = step
+        self.stop.phase = "training"  # from here a signal waits for the step boundary
+        self.log(f"step:{step}/{args.num_iterations} train_loss:{train_loss:.4f} {run.clock}", console=False)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"train loss is {train_loss} at step {step}: lower the learning rates or check the data"
+            )
+        self._start_clock_after(step)
+        if args.progress_seconds and time.monotonic() - self.progress_at >= args.progress_seconds:
+            rate = (step - self.progress_step) / (time.monotonic() - self.progress_at)
+            self.log(self._progress_line(step, train_loss, rate), record=False)
+            self.progress_at, self.progress_step = time.monotonic(), step
+
+    def _progress_line(self, step, train_loss, steps_per_s):
+        """The console's progress; the ETA comes from timed steps only, once there are any."""
+        args, clock = self.args, self.run.clock
+        line = f"step {step}/{args.num_iterations} train_loss {train_loss:.4f} | {steps_per_s:.2f} steps/s"
+        if not clock.timed_steps:
+            return (
+                line
+                + f" | untimed warmup steps ({args.untimed_steps}{', compiling' if args.compile else ''})"
+            )
+        eta = (args.num_iterations - step) * clock.train_ms / clock.timed_steps / 1000
+        return (
+            f"{line} {steps_per_s * args.batch_size * args.seq_len:,.0f} tokens/s | train_time "
+            f"{timedelta(seconds=round(clock.train_ms / 1000))} eta {timedelta(seconds=round(eta))}"
+        )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """The record's last lines whatever ended the run. A data error the loop did not save before (a
+        deleted val shard) is saved here on a single rank: the model is whole, at the last finished step.
+        Several ranks cannot agree on it safely: they end unsaved. Raises the error as the user should see it;
+        a clean end or a stop leaves the exit status in `exit_status`."""
+        run, stop = self.run, self.stop
+        if error is not None:
+            if isinstance(error, ShardError) and run.world_size == 1 and self.step > run.start_step:
+                error = error if "checkpoint saved" in str(error) else self._save_before(error)
+            if isinstance(error, torch.OutOfMemoryError):
+                error = TrainError(
+                    f"out of GPU memory: --device_batch_size={self.args.device_batch_size} does not fit in "
+                    f"{device_name(run.device)}; use --device_batch_size=auto or a smaller divisor"
+                )
+            self.stopped = first_failure(error, run.rank, run.world_size)
+            if run.world_size > 1 and not self.stopped.startswith(f"rank {run.rank} "):
+                error = TrainError(self.stopped)
+        stop.phase = "finishing"
+        stopped = self.stopped
+        if stopped and error is None:
+            stopped += f"; continue with: {continue_command(run, self.step)}"
+        for line in ([f"stopped: {stopped}"] if stopped else []) + [self._summary_line(finished=not stopped)]:
+            self.log(line)  # on the console too, where it survives a full disk
+        self.log.close()
+        stop.phase = "shutdown"
+        # DDP holds the process group until freed: free it, and its reference cycles, before the group goes
+        vars(run).clear()
+        gc.collect()
+        if error is not None or self.log.error:
+            raise error or self.log.error
+        self.exit_status = 128 + stop.signal if stop.signal and stopped else 0  # a planned stop is no failure
+        return False
+
+    def _save_before(self, error):
+        try:
+            self.log(f"checkpoint: {save_checkpoint(self.run, self.step, self.log.path)}")
+            return data_error_saved(error, self.step)
+        except TrainError as e:
+            return ShardError(f"{error} (no checkpoint: {e})")
+
+    def _summary_line(self, finished):
+        """`key:value` fields only: tools split on them. A stopped run has a last val loss, never a final."""
+        run, clock, fields = self.run, self.run.clock, []
+        if finished:
+            fields.append(f"final_val_loss:{self.val_loss:.4f}")
+        elif self.val_step is not None:
+            fields.append(f"last_val_loss:{self.val_loss:.4f} last_val_step:{self.val_step}")
+        fields.append(f"train_time:{clock.train_ms:.0f}ms")
+        if clock.timed_steps:
+            fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms")
+        startup = (
+            clock.first_started or time.monotonic()
+        ) - self.stop.started  # flags to the first timed step
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if self.args.compile else 0
+        fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
+        fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size}")
+        return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"
+
+
+def data_error_saved(error, step):
+    return ShardError(
+        f"{error} (at step {step}: checkpoint saved; resume with --resume=latest once it is fixed)"
     )
 
 
@@ -955,8 +1165,7 @@ def continue_command(run, step):
             f"--rdzv-endpoint={endpoint}",
         ]
     launcher += [f"--nproc_per_node={local}"] if launcher[0] == "torchrun" else []
-    names = ["run_name", "records_dir", "checkpoint_dir", *fields_of_kind(type(args), "machine")]
-    names = [name for name in names if name not in ("resume", "stop_at", "max_hours")]  # the user's to choose
+    names = fields_of_kind(type(args), "machine", "output")
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
     flags = [
         f"--{name}={flag_text(getattr(args, name))}"
@@ -966,91 +1175,9 @@ def continue_command(run, step):
     return shlex.join([*launcher, sys.argv[0], f"--resume={checkpoint_path(run, step)}", *flags])
 
 
-def summary_line(latest, run, stop, finished):
-    """`key:value` fields only: tools split on them. A stopped run has a last val loss, never a final one."""
-    clock, fields = run.clock, []
-    if finished:
-        fields.append(f"final_val_loss:{latest.val_loss:.4f}")
-    elif latest.val_step is not None:
-        fields.append(f"last_val_loss:{latest.val_loss:.4f} last_val_step:{latest.val_step}")
-    fields.append(f"train_time:{clock.train_ms:.0f}ms")
-    if clock.timed_steps:
-        fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms")
-    startup = (clock.first_started or time.monotonic()) - stop.started  # flags to the first timed step
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if run.args.compile else 0
-    fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
-    fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size}")
-    return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"
-
-
-def finish_record(log, stopped, latest, run, stop):
-    """The record's last lines, `stopped:` and `summary:`."""
-    lines = [f"stopped: {stopped}"] if stopped else []
-    for line in lines + [summary_line(latest, run, stop, finished=not stopped)]:
-        log(line)  # on the console too, where it survives a full disk
-    log.close()
-
-
-def data_error_saved(error, step):
-    return ShardError(
-        f"{error} (at step {step}: checkpoint saved; resume with --resume=latest once it is fixed)"
-    )
-
-
-def raise_data_error(run, step):
-    """At a stop every rank agreed on at `step`, its checkpoint saved: a data error that any rank's loader
-    met ends the run, raised on the rank that met it (which names it) and as a peer failure on the others."""
-    error = run.train_loader.error
-    failed = torch.tensor(float(error is not None), device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(failed)
-    if error:
-        raise data_error_saved(error, step)
-    if failed.item():
-        raise PeerFailure("another rank met a data error")
-
-
-def save_before_data_error(error, run, log, step):
-    try:
-        log(f"checkpoint: {save_checkpoint(run, step, log.path)}")
-        return data_error_saved(error, step)
-    except TrainError as e:
-        return ShardError(f"{error} (no checkpoint: {e})")
-
-
-def train_to_the_end(train, run, log, stop):
-    """train(run, log, stop, latest), then the record's last lines whatever ended it; the exit status.
-    A data error the loop did not save before (a deleted val shard) is saved here on a single rank: the
-    model is whole, at the last finished step. Several ranks cannot agree on it safely: they end unsaved."""
-    latest, error, stopped = Latest(step=run.start_step), None, None
-    try:
-        stopped = train(run, log, stop, latest)
-    except BaseException as e:
-        if isinstance(e, ShardError) and run.world_size == 1 and latest.step > run.start_step:
-            e = e if "checkpoint saved" in str(e) else save_before_data_error(e, run, log, latest.step)
-        if isinstance(e, torch.OutOfMemoryError):
-            e = TrainError(
-                f"out of GPU memory: --device_batch_size={run.args.device_batch_size} does not fit in "
-                f"{device_name(run.device)}; use --device_batch_size=auto or a smaller divisor"
-            )
-        stopped = first_failure(e, run.rank, run.world_size)
-        error = e if run.world_size == 1 or stopped.startswith(f"rank {run.rank} ") else TrainError(stopped)
-    finally:
-        stop.phase = "finishing"
-        if stopped and error is None:
-            stopped += f"; continue with: {continue_command(run, latest.step)}"
-        finish_record(log, stopped, latest, run, stop)
-        stop.phase = "shutdown"
-        # DDP holds the process group: freed only at interpreter exit, gloo aborted 5 of 150 two-rank runs
-        vars(run).clear()
-        gc.collect()  # DDP's reference cycles too
-    if error or log.error:
-        raise error or log.error
-    return 128 + stop.signal if stop.signal and stopped else 0  # a planned stop is no failure, nor a finish
-
-
 def main(run, argv):
-    """run(argv, stop)'s exit status; a project error ends in one line on stderr, a signal in 128 + n."""
+    """run(argv, stop)'s exit status: the recipe's run from its flags. A project error ends in one line on
+    stderr, a signal in 128 + n."""
     stop = StopRequest()
     try:
         with stop:  # the process group goes inside it: a Ctrl-C there exits without a traceback

@@ -8,12 +8,10 @@ this file and of harness.py (flags, record, checkpoints, signals), its environme
 and step lines to records/.
 """
 
+import bisect
 import glob
-import math
 import os
-import re
 import sys
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -27,27 +25,23 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import harness
+from data.shards import HEADER_BYTES, check_shard
 from harness import FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, ShardError, knob
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters
 
-RUN_NAME = (
-    lambda v: re.fullmatch(r"\w[\w.-]*", v),
-    "takes letters, digits, '.', '_' and '-', and starts with a letter or digit",
-)
-CLOCK_TIME = (lambda v: not v or re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", v), "takes HH:MM, 00:00 to 23:59")
-DEVICES = (lambda v: v in ("auto", "cuda", "cpu"), "must be auto, cuda or cpu")
-
-# The public 8xH100 records (RECIPE.md): the flag defaults each sets over the fields' own (8 Nov's).
-U_NET = dict(unet_skips=True, embed_lr=0.6, head_lr=0.008, scalar_lr=0.04, muon_lr=0.04)  # 10 Nov: 2x lr
-LONG = dict(U_NET, batch_size=8, seq_len=65536, document_mask=True)  # 19 Nov: one 64K sequence per H100
+# The public 8xH100 records (RECIPE.md): each one's flags that differ from the fields' own defaults (8 Nov's)
 RECIPES = {
-    "2024-11-08": {},
-    "2024-11-10": dict(U_NET, num_iterations=3000, warmdown_iters=900),
-    "2024-11-19": dict(LONG, window_tokens=1024, num_iterations=1875, warmdown_iters=562),
-    "2024-11-24": dict(LONG, window_tokens=1792, window_warmup_start=64, adam_beta1=0.8, muon_lr=0.05)
-    | dict(num_iterations=1750, warmdown_iters=640, muon_momentum_warmup_steps=300),
+    "2024-11-08": "",
+    "2024-11-10": "--unet_skips --embed_lr=0.6 --head_lr=0.008 --scalar_lr=0.04 --muon_lr=0.04 "
+    "--num_iterations=3000 --warmdown_iters=900",
+    "2024-11-19": "--unet_skips --embed_lr=0.6 --head_lr=0.008 --scalar_lr=0.04 --muon_lr=0.04 "
+    "--batch_size=8 --seq_len=65536 --document_mask --window_tokens=1024 --num_iterations=1875 "
+    "--warmdown_iters=562",
+    "2024-11-24": "--unet_skips --embed_lr=0.6 --head_lr=0.008 --scalar_lr=0.04 --muon_lr=0.05 "
+    "--batch_size=8 --seq_len=65536 --document_mask --window_tokens=1792 --window_warmup_start=64 "
+    "--adam_beta1=0.8 --num_iterations=1750 --warmdown_iters=640 --muon_momentum_warmup_steps=300",
 }
 PUBLISHED = {  # 8xH100 train time, tokens and final val loss
     "2024-11-08": "7.79 min, 1.70B tokens, 3.2781",
@@ -59,8 +53,10 @@ RECIPE = (lambda v: v in RECIPES, f"must be one of {', '.join(RECIPES)}")
 
 
 @dataclass
-class Hyperparameters:
-    RECIPES = RECIPES  # not a field: harness.resolve_args puts the chosen recipe's defaults under the flags
+class Hyperparameters(harness.RunFlags):
+    """The recipe's knobs, beside the harness's run, machine and output flags (harness.RunFlags)."""
+
+    RECIPES = RECIPES  # not a field: harness.with_recipe puts the chosen recipe's flags under the given ones
     input_bin: str = knob("data/fineweb10B/fineweb_train_*.bin", "glob of training shards")
     input_val_bin: str = knob("data/fineweb10B/fineweb_val_*.bin", "glob of val shards (the first is used)")
     recipe: str = knob(
@@ -97,35 +93,9 @@ class Hyperparameters:
     window_warmup_start: int = knob(
         0, "the window at step 0, grown by it to window_tokens at the end (24 Nov); 0: fixed", NON_NEGATIVE
     )
-    val_loss_every: int = knob(
-        125, "validate every this many steps, at 0 and at the end; 0: the end", NON_NEGATIVE
-    )
     val_tokens: int = knob(10485760, "validation tokens, from the start of the val shard", POSITIVE)
     untimed_steps: int = knob(10, "first steps left out of train_time (compilation, warmup)", NON_NEGATIVE)
     seed: int = knob(0, "seed of weight init", harness.SEED)
-    run_name: str = knob("run", "record name: the log goes to records_dir/<date>_<run_name>/", RUN_NAME)
-    records_dir: str = knob("records", "where run logs are written")
-    checkpoint_dir: str = knob("checkpoints", "where checkpoints go (outside records/: they are large)")
-    save_every: int = knob(0, "checkpoint every this many steps; 0 = off", NON_NEGATIVE)
-    save_every_minutes: float = knob(30.0, "checkpoint every this many minutes; 0 = off", NON_NEGATIVE)
-    keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE)
-    progress_seconds: float = knob(10.0, "console progress line this often; 0 = off", NON_NEGATIVE)
-    device: str = knob("auto", "auto (CUDA if visible, else CPU), cuda or cpu", DEVICES, "machine")
-    device_batch_size: int | None = knob(
-        None, "sequences per micro-step; auto: most that fit", POSITIVE, "machine"
-    )
-    micro_tokens: int | None = knob(  # one 64K sequence on a 24 GB card: harness.document_micro_steps
-        None, "micro-step tokens (sequences cut where documents start); auto: as needed", POSITIVE, "machine"
-    )
-    compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
-    memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
-    resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "machine")
-    stop_at: str = knob(
-        "", "checkpoint and stop at the next HH:MM (local time); exit 0", CLOCK_TIME, "machine"
-    )
-    max_hours: float = knob(
-        0.0, "checkpoint and stop after this many hours; exit 0; 0 = off", NON_NEGATIVE, "machine"
-    )
 
     def __post_init__(self):
         harness.check_fields(self)
@@ -145,6 +115,11 @@ class Hyperparameters:
         if self.window_warmup_start and not 0 < self.window_warmup_start <= self.window_tokens:
             raise ConfigError(
                 f"--window_warmup_start={self.window_warmup_start} needs a --window_tokens at least as large"
+            )
+        if self.micro_tokens and self.micro_tokens < self.seq_len and not self.document_mask:
+            raise ConfigError(
+                f"--micro_tokens={self.micro_tokens} cuts sequences at document starts, exact only under "
+                f"--document_mask; without it use --device_batch_size"
             )
         if self.document_mask and not self.eot_token < self.vocab_size:
             raise ConfigError(f"--eot_token={self.eot_token} is not below --vocab_size={self.vocab_size}")
@@ -206,8 +181,7 @@ class Muon(torch.optim.Optimizer):
         flat = torch.zeros(offsets[-1], dtype=dtype, device=params[0].device)
         for index in self._owned(params):
             flat[offsets[index] : offsets[index + 1]] = values(params[index]).flatten()
-        if self.world_size > 1:
-            dist.all_reduce(flat)  # a sum with one non-zero term per element: exact
+        harness.all_reduce(flat, self.world_size)  # a sum with one non-zero term per element: exact
         return [flat[start:end].view_as(p) for p, start, end in zip(params, offsets[:-1], offsets[1:])]
 
     def _orthogonalized_update(self, p, momentum):
@@ -231,15 +205,17 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update.to(p.dtype), alpha=-group["lr"])
 
     @torch.no_grad()
-    def momentum_buffers(self):
-        """All momentum buffers, gathered from their owners, so a checkpoint resumes on any world size."""
+    def state_dict(self):
+        """All momentum buffers, gathered from their owners (a collective), so a checkpoint resumes on any
+        world size; the lrs and momentum come from the schedule."""
         params = self.param_groups[0]["params"]
         buffer_or_zeros = lambda p: self.state[p].get("momentum_buffer", torch.zeros_like(p))  # noqa: E731
-        return [buf.clone() for buf in self._gather_from_owners(params, buffer_or_zeros, torch.float32)]
+        gathered = self._gather_from_owners(params, buffer_or_zeros, torch.float32)
+        return dict(momentum_buffers=[buf.clone() for buf in gathered])
 
     @torch.no_grad()
-    def load_momentum_buffers(self, buffers):
-        params = self.param_groups[0]["params"]
+    def load_state_dict(self, state):
+        params, buffers = self.param_groups[0]["params"], state["momentum_buffers"]
         if [b.shape for b in buffers] != [p.shape for p in params]:
             raise ValueError("Muon momentum buffers of other shapes than the matrices")
         for index in self._owned(params):
@@ -318,10 +294,8 @@ class CausalSelfAttention(nn.Module):
         lam = self.value_residual_lambda
         # value residual learning (Zhou et al., 2024): -0.021 val loss in the recipe
         v = (1 - lam) * v + lam * v1
-        q, k = (
-            apply_rotary(rms_norm(q), *rotary),
-            apply_rotary(rms_norm(k), *rotary),
-        )  # QK-norm: bounded logits
+        # QK-norm keeps the attention logits bounded
+        q, k = apply_rotary(rms_norm(q), *rotary), apply_rotary(rms_norm(k), *rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -411,6 +385,12 @@ class GPT(nn.Module):
             self.skip_weights.fill_(1.0)  # U-net skips start as plain additions (10 Nov)
         nn.init.zeros_(self.lm_head.weight)  # uniform prediction at step 0: loss = ln(vocab_size)
 
+    def activation_values_per_token(self):
+        """What the compiled forward keeps for the backward, per token, for the memory probe's estimate: 21
+        values of model_dim per block (traced with inductor's decompositions: 29-30 GiB at 64x1024 for the
+        124M model) and the logits."""
+        return len(self.blocks) * 21 * self.embed.embedding_dim + self.embed.num_embeddings
+
     def attention_mask(self, idx, window):
         """None: plain causal attention; else the document-causal sliding-window mask of `idx`."""
         if not (self.document_mask or self.window_tokens):
@@ -493,41 +473,16 @@ def build_optimizers(model, args, rank, world_size, device):
         muon.orthogonalize = torch.compile(
             newton_schulz_orthogonalize, dynamic=False, options=INDUCTOR_OPTIONS
         )
-    return adam, muon
+    return dict(adam=adam, muon=muon)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data: llm.c / FineWeb token shards
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-HEADER_BYTES = HEADER_INTS * 4
-
 
 def shard_size(path):
     """The token count of one shard, after checking its header against its size."""
-    try:
-        header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    except OSError as e:
-        raise ShardError(f"{path}: cannot read it ({e.strerror})") from None
-    if header.size < HEADER_INTS:
-        raise ShardError(
-            f"{path}: {os.path.getsize(path)} bytes is too short for the {HEADER_BYTES}-byte shard header"
-        )
-    if header[0] != SHARD_MAGIC:
-        raise ShardError(
-            f"{path}: magic number {header[0]} is not {SHARD_MAGIC}: not an llm.c/FineWeb token shard"
-        )
-    if header[1] != SHARD_VERSION:
-        raise ShardError(
-            f"{path}: shard version {header[1]} is not {SHARD_VERSION}: re-tokenize with data/fineweb.py"
-        )
-    num_tokens, size = int(header[2]), os.path.getsize(path)
-    if size != HEADER_BYTES + 2 * num_tokens:
-        raise ShardError(
-            f"{path}: header says {num_tokens} tokens ({HEADER_BYTES + 2 * num_tokens} bytes) but the "
-            f"file has {size} bytes: truncated or corrupt, download or tokenize it again"
-        )
-    return num_tokens
+    return check_shard(path, ShardError)
 
 
 def read_tokens(path, start, count):
@@ -596,9 +551,12 @@ class ShardLoader:
                 )
         self.checked.add(shard_index)
 
-    def state(self):
+    def state_dict(self):
         """Where the next batch starts (a prefetched batch is not consumed yet): what a checkpoint stores."""
         return self.pending[0] if self.pending else dict(shard_index=self.shard_index, position=self.position)
+
+    def load_state_dict(self, state):
+        self.seek(state["shard_index"], state["position"])
 
     def next_batch(self):
         """This rank's (inputs, targets) for one optimizer step, each of shape (batch_size/world, seq_len)."""
@@ -611,7 +569,7 @@ class ShardLoader:
         """Load the next batch now, while the device is still busy with this step. A data error waits in
         `error`, the state still before the batch, so that the step's model can be saved first."""
         try:
-            self.pending = (self.state(), self._load())
+            self.pending = (self.state_dict(), self._load())
         except ShardError as e:
             self.error = e
 
@@ -655,12 +613,6 @@ def setup_distributed(device_choice):
     return rank, world_size, device
 
 
-def all_reduce_sum(value, world_size):
-    if world_size > 1:
-        dist.all_reduce(value)  # SUM: gloo has no AVG
-    return value
-
-
 # ----------------------------------------------------------------------------------------------
 # Schedule and evaluation
 
@@ -675,12 +627,14 @@ def muon_momentum_at(step, args):
     return (1 - frac) * args.muon_momentum_start + frac * args.muon_momentum
 
 
-def set_schedule(run, step):
+def set_schedule(optimizers, args, step):
     """Every learning rate, and Muon's momentum, at `step`."""
-    args, multiplier = run.args, lr_multiplier(step, run.args)
-    for group, lr in zip(run.adam.param_groups, (args.embed_lr, args.head_lr, args.scalar_lr)):
+    multiplier = lr_multiplier(step, args)
+    for group, lr in zip(optimizers["adam"].param_groups, (args.embed_lr, args.head_lr, args.scalar_lr)):
         group["lr"] = lr * multiplier
-    run.muon.param_groups[0].update(lr=args.muon_lr * multiplier, momentum=muon_momentum_at(step, args))
+    optimizers["muon"].param_groups[0].update(
+        lr=args.muon_lr * multiplier, momentum=muon_momentum_at(step, args)
+    )
 
 
 def window_at(step, args):
@@ -699,11 +653,50 @@ def forward_kwargs(step, args, device):
 
 def micro_batches(x, y, args, accum_steps, step, lost_context=None):
     """[(inputs, targets, forward kwargs, loss divisor)] of this rank's batch: accum_steps equal chunks, or
-    with --micro_tokens pieces of each sequence cut at document starts (harness.document_micro_steps)."""
+    with --micro_tokens pieces of each sequence cut at document starts (document_micro_steps)."""
     window, kwargs = window_at(step, args), forward_kwargs(step, args, x.device)
     if args.micro_tokens and args.micro_tokens < args.seq_len:
-        return harness.document_micro_steps(x, y, args, kwargs, window, lost_context)
+        return document_micro_steps(x, y, args, kwargs, window, lost_context)
     return [(xm, ym, kwargs, accum_steps) for xm, ym in zip(x.chunk(accum_steps), y.chunk(accum_steps))]
+
+
+def document_pieces(starts, seq_len, size, window):
+    """([(start, end)], lost): 0..seq_len cut into pieces of at most `size` tokens, each ending at the last
+    document start in reach (`starts`: ascending positions of the tokens that open documents). A document
+    longer than a piece is cut after `size` tokens; the tokens after a cut that would have seen (within
+    `window`) tokens before it lose that context: `lost` counts them."""
+    starts, pieces, start, lost, lost_until = [0] + sorted(starts) + [seq_len], [], 0, 0, 0
+    while start < seq_len:
+        end = starts[bisect.bisect_right(starts, start + size) - 1]
+        if end <= start:  # no document start in reach: cut inside the document
+            end = start + size
+            next_start = starts[bisect.bisect_right(starts, end - 1)]  # where the cut document ends
+            until = min(end - 1 + window, next_start)  # query i saw key end-1 iff i - (end-1) < window
+            lost, lost_until = lost + max(0, until - max(end, lost_until)), max(lost_until, until)
+        pieces.append((start, end))
+        start = end
+    return pieces, lost
+
+
+def document_micro_steps(x, y, args, kwargs, window, lost_context=None):
+    """[(inputs, targets, forward kwargs, loss divisor)]: each of this rank's sequences cut at document starts
+    (document_pieces), where no attention crosses; each piece padded to micro_tokens (one static shape: no
+    recompiles) with targets -100 (outside the loss; causal attention keeps the padding out of every real
+    query's view), its rotary positions offset to where it lies, and its loss divided by the rank's tokens
+    over its own: the sums equal the whole sequences' loss and gradients."""
+    steps, size = [], args.micro_tokens
+    for row_x, row_y in zip(x, y):
+        starts = (row_x == args.eot_token).nonzero().flatten().tolist()
+        pieces, lost = document_pieces(starts, args.seq_len, size, window or args.seq_len)
+        for start, end in pieces:
+            pad = (0, size - (end - start))
+            xm = F.pad(row_x[start:end], pad, value=args.eot_token)
+            ym = F.pad(row_y[start:end], pad, value=-100)
+            offset = torch.tensor(start, device=x.device)
+            steps.append((xm[None], ym[None], dict(kwargs, offset=offset), x.numel() / (end - start)))
+        if lost_context is not None:
+            lost_context.append(lost)
+    return steps
 
 
 @torch.no_grad()
@@ -719,7 +712,7 @@ def evaluate(model, val_loader, args, accum_steps, world_size, step):
             total += model(xm, ym, **kwargs).float() * (accum_steps / divisor)  # 1.0 in equal chunks
         count += accum_steps
     model.train()
-    return (all_reduce_sum(total, world_size) / (count * world_size)).item()
+    return (harness.all_reduce(total, world_size) / (count * world_size)).item()
 
 
 @contextmanager
@@ -743,95 +736,38 @@ def attention_backends(device):
 # Training loop
 
 
-@dataclass
-class Run:
-    """One run's parts, built by build_run() and stepped by train()."""
-
-    args: Hyperparameters
-    rank: int
-    world_size: int
-    device: torch.device
-    started: object  # datetime: the record's folder is dated by it
-    run_id: str
-    model: nn.Module  # the parameters, which the optimizers and checkpoints hold
-    ddp: nn.Module  # the model as trained: compiled, wrapped in DDP on more than one rank
-    adam: torch.optim.Adam
-    muon: Muon
-    train_loader: ShardLoader
-    val_loader: ShardLoader
-    accum_steps: int
-    start_step: int
-    clock: harness.Clock
-
-
-def train(run, log, stop, latest):
-    """Steps start_step+1 .. num_iterations, keeping `latest` up to date for the summary. Returns None at the
-    end, or why every rank agreed to stop early (a signal, or a full disk for the record)."""
-    args, ddp, clock, accum_steps = run.args, run.ddp, run.clock, run.accum_steps
-    progress_at, progress_step, last_save = time.monotonic(), run.start_step, time.monotonic()
-    save_now = stop_now = False
-    lost_context = []  # per sequence: tokens that lost context at a --micro_tokens cut
+def train(run, monitor):
+    """Steps start_step+1 .. num_iterations of `run` (a harness.Run); `monitor` (a harness.Monitor) keeps the
+    clock, the record and the agreement of all ranks. Returns None at the end, or why every rank agreed to
+    stop early (a signal, the planned stop time, a full disk for the record)."""
+    args, model = run.args, run.training_model
     for step in range(run.start_step, args.num_iterations + 1):
-        last_step = step == args.num_iterations
-        if step == run.start_step + args.untimed_steps:
-            clock.start()  # after compilation and warmup, in every (resumed) process
-
-        # ---------------- validation and checkpoint, with the clock paused ----------------
-        # a stop saves first: torchrun kills its workers 30 s after forwarding a signal
-        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and not stop_now):
-            with clock.paused():
-                latest.val_loss = evaluate(ddp, run.val_loader, args, accum_steps, run.world_size, step)
-                latest.val_step = step
-            log(f"step:{step}/{args.num_iterations} val_loss:{latest.val_loss:.4f} {clock}")
-        if step > run.start_step and (
-            save_now or stop_now or (last_step and (args.save_every or args.save_every_minutes))
-        ):
-            with clock.paused():
-                path = harness.save_checkpoint(run, step, log.path)  # and prunes the older ones
-            last_save = time.monotonic()
-            log(f"checkpoint: {path}", record=stop_now or last_step)
-        if last_step:
-            if lost_context:
-                log(f"context: {sum(lost_context)} train tokens lost context at micro_tokens cuts")
-            return None
-        if stop_now:
-            harness.raise_data_error(run, step)  # a data error ends the run here, its checkpoint saved
-            return f"{log.error or stop.reason()} at step {step}: checkpoint saved"
+        # ---------------- validation and checkpoint, untimed ----------------
+        if monitor.validation_due(step):
+            with monitor.untimed():
+                val_loss = evaluate(model, run.val_loader, args, run.accum_steps, run.world_size, step)
+            monitor.validated(step, val_loss)
+        if monitor.checkpoint_due(step):
+            monitor.save(step)
+        if step == args.num_iterations or monitor.stop_agreed:
+            return monitor.end(step)
 
         # ---------------- one optimizer step over the global batch ----------------
         x, y = run.train_loader.next_batch()
         train_loss = torch.zeros((), device=x.device)
-        batches = micro_batches(x, y, args, accum_steps, step, lost_context)
+        batches = micro_batches(x, y, args, run.accum_steps, step, monitor.lost_context)
         for micro_step, (xm, ym, kwargs, divisor) in enumerate(batches):
-            with nullcontext() if micro_step == len(batches) - 1 or run.world_size == 1 else ddp.no_sync():
-                loss = ddp(xm, ym, **kwargs)  # DDP all-reduces (averages) gradients once, after the last
+            with nullcontext() if micro_step == len(batches) - 1 or run.world_size == 1 else model.no_sync():
+                loss = model(xm, ym, **kwargs)  # DDP all-reduces (averages) gradients once, after the last
                 (loss / divisor).backward()  # the mean over micro-steps: the same math on any device count
             train_loss += loss.detach() / divisor
         if step + 1 < args.num_iterations:
             run.train_loader.prefetch()  # while the device still runs this step's kernels
-        set_schedule(run, step)
-        run.adam.step()
-        run.muon.step()
-        ddp.zero_grad(set_to_none=True)
-
-        # ---------------- the one host sync: every rank agrees on the loss, a stop and a save ---------------
-        stop_wanted = stop.requested() or log.error is not None or run.train_loader.error is not None
-        save_due = harness.save_due(args, step + 1, last_save)
-        votes = [train_loss, torch.full_like(train_loss, stop_wanted), torch.full_like(train_loss, save_due)]
-        loss_sum, stop_votes, save_votes = all_reduce_sum(torch.stack(votes), run.world_size).tolist()
-        clock.lap()
-        train_loss, stop_now, save_now = loss_sum / run.world_size, stop_votes > 0, save_votes > 0
-        latest.step = step + 1
-        stop.phase = "training"  # from here a signal waits for the step boundary (the first step may compile)
-        log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} {clock}", console=False)
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"train loss is {train_loss} at step {step + 1}: lower the learning rates or check the data"
-            )
-        if args.progress_seconds and time.monotonic() - progress_at >= args.progress_seconds:
-            rate = (step + 1 - progress_step) / (time.monotonic() - progress_at)
-            log(harness.progress_line(step + 1, args, train_loss, rate, clock), record=False)
-            progress_at, progress_step = time.monotonic(), step + 1
+        set_schedule(run.optimizers, args, step)
+        for optimizer in run.optimizers.values():
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        monitor.after_step(step + 1, train_loss, run.train_loader.error)  # the one host sync of the step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,11 +784,11 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
     torch.manual_seed(args.seed)
     with harness.model_fits(device):
         model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
-    adam, muon = build_optimizers(model, args, rank, world_size, device)
+    optimizers = build_optimizers(model, args, rank, world_size, device)
     start_step, clock = 0, harness.Clock(device)
     if checkpoint is not None:
         start_step, clock = harness.restore_checkpoint(
-            checkpoint, args.resume, model, adam, muon, train_loader
+            checkpoint, args.resume, model, optimizers, train_loader, device
         )
         notes.append(
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
@@ -862,36 +798,32 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
     kwargs = forward_kwargs(start_step, args, device)  # the probe calls the model as the first step will
     note = harness.choose_micro_steps(compiled, args, world_size, device, kwargs)  # where auto: probed
     notes += [note] if note else []
-    ddp = compiled
+    training_model = compiled
     if world_size > 1:  # bucket views: no second copy of the gradients
         device_ids = [device.index] if device.type == "cuda" else None
-        ddp = DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
-    parts = dict(model=model, ddp=ddp, adam=adam, muon=muon, train_loader=train_loader, val_loader=val_loader)
-    parts.update(accum_steps=args.grad_accum_steps(world_size), start_step=start_step, clock=clock)
-    return Run(args, rank, world_size, device, started, run_id, **parts), notes
+        training_model = DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
+    parts = (model, training_model, optimizers, train_loader, val_loader, args.grad_accum_steps(world_size))
+    return harness.Run(args, rank, world_size, device, *parts, start_step, clock, started, run_id), notes
 
 
-def run(argv, stop):
-    """One training run; returns the exit status, or raises what ended it."""
+def run_training(argv, stop):
+    """One training run from its flags; returns the exit status, or raises what ended it."""
     args, checkpoint = harness.resolve_args(Hyperparameters, argv, __doc__.split("\n\n")[0])
     stop.plan(args)
     rank, world_size, device = setup_distributed(args.device)
-    args.grad_accum_steps(world_size)
-    harness.cap_memory(args, device)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
-    started, run_id = harness.new_run_id()
-    notes = harness.prepare_outputs(args, started) if rank == 0 else []
+    started, run_id, notes = harness.start_up(args, rank, world_size, device)
     with attention_backends(device) as attention_note:
         run, run_notes = build_run(args, rank, world_size, device, checkpoint, started, run_id)
-        log = harness.open_record(run, sys.modules[__name__], [attention_note] + notes + run_notes)
-        for note in notes:
-            log(note, record=False)
-        return harness.train_to_the_end(train, run, log, stop)
+        with harness.Monitor(
+            run, stop, sys.modules[__name__], [attention_note, *notes, *run_notes]
+        ) as monitor:
+            train(run, monitor)
+        return monitor.exit_status
 
 
 def main(argv):
     """Exit status 0 on success; a project error ends in one line on stderr, a signal in 128 + its number."""
-    return harness.main(run, argv)
+    return harness.main(run_training, argv)
 
 
 if __name__ == "__main__":

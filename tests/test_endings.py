@@ -210,7 +210,7 @@ def test_a_shard_that_shrinks_under_the_loader_is_a_shard_error(tmp_path):
     with pytest.raises(train_gpt2.ShardError, match="s_000000.bin: ends before token 257: it shrank"):
         loader.next_batch()
     loader.prefetch()  # the loop's way: the error waits, the state stays before the batch
-    assert isinstance(loader.error, train_gpt2.ShardError) and loader.state()["position"] == 128
+    assert isinstance(loader.error, train_gpt2.ShardError) and loader.state_dict()["position"] == 128
 
 
 # ----------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_a_checkpoint_that_contradicts_its_own_flags_is_refused(shards, tmp_path
     if damage == "wrong shape":
         checkpoint["model"]["blocks.0.mlp.up.weight"] = torch.zeros(3, 3)
     elif damage == "missing key":
-        del checkpoint["muon_momentum"]
+        del checkpoint["optimizers"]["muon"]
     else:
         checkpoint = {"format": checkpoint["format"]}
     torch.save(checkpoint, tmp_path / "bad.pt")

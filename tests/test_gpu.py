@@ -132,7 +132,7 @@ def test_auto_micro_batch_probe_on_cuda_stays_under_the_limit():
         optimizers = build_optimizers(model, args, 0, 1, CUDA)
         idx = torch.randint(0, 50257, (size, args.seq_len), device=CUDA)
         model(idx, idx).backward()
-        for opt in optimizers:
+        for opt in optimizers.values():
             opt.step()
         torch.cuda.synchronize(CUDA)
         peak = torch.cuda.max_memory_allocated(CUDA)

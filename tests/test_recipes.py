@@ -112,9 +112,9 @@ def test_decoder_block_6_plus_i_receives_encoder_block_5_minus_i():
         assert torch.equal(inputs[6 + i], outputs[5 + i] + model.skip_weights[i] * outputs[5 - i])
     for i in range(1, 6):
         assert torch.equal(inputs[i], outputs[i - 1])  # encoder blocks take no skip
-    adam, _ = train_gpt2.build_optimizers(
-        model, parse_args(["--recipe=2024-11-10"]), 0, 1, torch.device("cpu")
-    )
+    adam = train_gpt2.build_optimizers(model, parse_args(["--recipe=2024-11-10"]), 0, 1, torch.device("cpu"))[
+        "adam"
+    ]
     assert any(p is model.skip_weights for p in adam.param_groups[2]["params"])  # the scalar group, lr 0.04
     assert adam.param_groups[2]["lr"] == 0.04
 
@@ -176,11 +176,11 @@ def test_rotary_angles_at_an_offset_equal_the_whole_sequences():
 
 
 def test_document_pieces_cut_at_document_starts_and_count_lost_context():
-    pieces, lost = harness.document_pieces([3, 10, 11, 30], 40, 8, 100)
+    pieces, lost = train_gpt2.document_pieces([3, 10, 11, 30], 40, 8, 100)
     assert pieces == [(0, 3), (3, 11), (11, 19), (19, 27), (27, 30), (30, 38), (38, 40)]
     assert lost == (30 - 19) + (40 - 38)  # the rule: a document longer than a piece is cut after 8 tokens
-    assert harness.document_pieces([0, 20], 40, 16, 5) == ([(0, 16), (16, 20), (20, 36), (36, 40)], 4 + 4)
-    assert harness.document_pieces([5, 9], 16, 16, 4) == ([(0, 16)], 0)  # one piece: the whole sequence
+    assert train_gpt2.document_pieces([0, 20], 40, 16, 5) == ([(0, 16), (16, 20), (20, 36), (36, 40)], 4 + 4)
+    assert train_gpt2.document_pieces([5, 9], 16, 16, 4) == ([(0, 16)], 0)  # one piece: the whole sequence
 
 
 def test_micro_steps_cut_at_document_starts_equal_the_whole_sequence():

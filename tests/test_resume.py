@@ -132,7 +132,8 @@ def test_checkpoints_are_atomic_and_only_the_newest_are_kept(shards, tmp_path, c
     names = sorted(os.path.basename(p).split("-step")[1] for p in glob.glob(f"{tmp_path}/checkpoints/run/*"))
     assert names == ["000018.pt", "000020.pt"]  # no .tmp left behind
     checkpoint = load_checkpoint(glob.glob(f"{tmp_path}/checkpoints/run/*-step000020.pt")[0])
-    assert {"model", "adam", "muon_momentum", "data", "rng", "hyperparameters", "step"} <= checkpoint.keys()
+    assert {"model", "optimizers", "data", "rng", "hyperparameters", "step"} <= checkpoint.keys()
+    assert checkpoint["optimizers"].keys() == {"adam", "muon"}
     assert checkpoint["hyperparameters"]["num_iterations"] == 20 and checkpoint["step"] == 20
 
 
@@ -308,10 +309,41 @@ def test_learning_rates_given_on_resume_take_effect(uninterrupted):
     )
     args.compile = False
     run, _ = train_gpt2.build_run(args, 0, 1, torch.device("cpu"), saved)
-    adam, muon = run.adam, run.muon
+    adam, muon = run.optimizers["adam"], run.optimizers["muon"]
     assert run.start_step == 10 and adam.state  # the optimizer state came from the checkpoint...
     assert adam.param_groups[0]["lr"] == 0.1 and adam.param_groups[0]["betas"] == (
         0.9,
         0.99,
     )  # ...not its lrs
     assert muon.orthogonalize is train_gpt2.newton_schulz_orthogonalize  # --compile=false: nothing compiled
+
+
+class StandIn:
+    """An optimizer or loader as the harness sees one: state_dict() and load_state_dict(), nothing else."""
+
+    def __init__(self, state=None):
+        self.state = state or {}
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+def test_the_harness_saves_and_restores_parts_through_their_state_dicts_only(tmp_path):
+    cpu, saved_model, restored_model = torch.device("cpu"), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    args = parse_args(TINY_FLAGS + [f"--checkpoint_dir={tmp_path}"])
+    optimizers = dict(first=StandIn({"lr": 0.5}), second=StandIn({"momentum_buffers": [torch.ones(2)]}))
+    parts = (saved_model, saved_model, optimizers, StandIn({"shard_index": 1, "position": 96}), None, 1)
+    run = harness.Run(args, 0, 1, cpu, *parts, clock=harness.Clock(cpu, 12.5, 3), run_id="120000-0123abcd")
+    path = harness.save_checkpoint(run, 7, "a record")
+
+    fresh, loader = dict(first=StandIn(), second=StandIn()), StandIn()
+    step, clock = harness.restore_checkpoint(load_checkpoint(path), path, restored_model, fresh, loader, cpu)
+    assert step == 7 and (clock.train_ms, clock.timed_steps) == (12.5, 3)
+    assert fresh["first"].state == {"lr": 0.5} and torch.equal(
+        fresh["second"].state["momentum_buffers"][0], torch.ones(2)
+    )
+    assert loader.state == {"shard_index": 1, "position": 96}
+    assert torch.equal(restored_model.weight, saved_model.weight)

@@ -30,10 +30,11 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert val[-1] < 0.7 * val[0]  # the chain is 90% predictable: the loss must fall far
 
     source, environment, steps = record.split("=" * 100 + "\n")
-    recipe, harness_source = source.split("-" * 40 + "\n# harness.py\n" + "-" * 40 + "\n")
-    for name, text in (("train_gpt2.py", recipe), ("harness.py", harness_source)):
+    sections = re.split(r"-{40}\n# (\S+)\n-{40}\n", source)  # the recipe, then each file under its header
+    files = {"train_gpt2.py": sections[0], **dict(zip(sections[1::2], sections[2::2]))}
+    for name in ("train_gpt2.py", "harness.py"):
         with open(os.path.join(ROOT, name)) as f:
-            assert text == f.read()  # every line that ran
+            assert files[name] == f.read()  # every line that ran
     assert environment.startswith("Running Python 3.") and "Running PyTorch 2." in environment
     assert "CPU: " in environment and "Hyperparameters:\n--input_bin=" in environment
     assert "--num_iterations=50\n" in environment and "--compile=false\n" in environment
