@@ -119,6 +119,7 @@ class RunFlags:
         30.0, "checkpoint every this many minutes; 0 = off", NON_NEGATIVE, "output"
     )
     keep_checkpoints: int = knob(2, "newest checkpoints of this run kept on disk", POSITIVE, "output")
+    save_final: bool = knob(True, "checkpoint the finished model; false: no final checkpoint", None, "output")
     progress_seconds: float = knob(10.0, "console progress line this often; 0 = off", NON_NEGATIVE, "output")
     val_loss_every: int = knob(
         125, "validate every this many steps, at 0 and at the end; 0: the end", NON_NEGATIVE, "output"
@@ -232,7 +233,16 @@ def with_recipe(cls, flags, inherited=None):
             f"its recipe (give single flags to change its knobs)"
         )
     recipe_flags = parse_flags(cls, recipes[name].split()) if name in recipes else {}  # else cls's own check
-    return cls(**{**recipe_flags, **inherited, **flags})
+    try:
+        return cls(**{**recipe_flags, **inherited, **flags})
+    except ConfigError as e:  # a value the user never typed is named as the recipe's, with the way out
+        given, defaults = {**inherited, **flags}, {f.name: f.default for f in dataclasses.fields(cls)}
+        fixes = [
+            f"--{n}={flag_text(v)} is --recipe={name}'s: give --{n}={flag_text(defaults[n])} or another value"
+            for n, v in recipe_flags.items()
+            if n not in given and f"--{n}=" in str(e)
+        ]
+        raise ConfigError("; ".join([str(e), *fixes])) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +268,7 @@ class RunLog:
         self.path, self.fd, self.size, self.error, self.console_lost = path, None, 0, None, False
         if path:
             try:  # O_EXCL: never over an earlier record; O_APPEND: after a failed line, the next at the end
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             except OSError as e:
                 raise output_error(path, e) from None
@@ -422,16 +433,19 @@ def record_folder(args, started):
     return os.path.join(args.records_dir, f"{started:%Y-%m-%d}_{args.run_name}")
 
 
-def prepare_outputs(args, started):
-    """The record and checkpoint folders, created and proven writable before anything slow starts."""
+def check_outputs(args, started):
+    """The record and checkpoint folders proven writable before anything slow starts; each is made only when
+    its first file is written (a run that saves nothing leaves no empty folder)."""
     folders = dict(
         records_dir=record_folder(args, started),
         checkpoint_dir=os.path.join(args.checkpoint_dir, args.run_name),
     )
     for flag, folder in folders.items():
+        existing = folder
+        while not os.path.lexists(existing) and os.path.dirname(os.path.abspath(existing)) != existing:
+            existing = os.path.dirname(os.path.abspath(existing))  # where makedirs will start
         try:
-            os.makedirs(folder, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            tempfile.TemporaryFile(dir=existing).close()
         except OSError as e:
             raise OutputError(f"cannot write to {folder}: {e.strerror}; pick another --{flag}") from None
     stale = glob.glob(os.path.join(glob.escape(folders["checkpoint_dir"]), "*.pt.tmp"))
@@ -442,14 +456,15 @@ def prepare_outputs(args, started):
     ]
 
 
-def start_up(args, rank, world_size, device):
-    """What comes before anything slow: the batch split checked, the memory cap, compile's default, the run's
-    id and its output folders (proven writable). Returns (start time, run id, notes for the record)."""
+def start_up(args, rank, world_size, device, stop):
+    """What comes before anything slow: the planned stop, the batch split checked, the memory cap, compile's
+    default, the run's id and its output folders (proven writable). Returns (start time, run id, notes for the
+    record, which rank 0 also prints)."""
     args.grad_accum_steps(world_size)
-    cap_memory(args, device)
+    notes = [note for note in (stop.plan(args), cap_memory(args, device)) if note]
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     started, run_id = new_run_id()
-    notes = prepare_outputs(args, started) if rank == 0 else []
+    notes = notes + check_outputs(args, started) if rank == 0 else []
     for note in notes:
         with suppress(OSError):  # a console already gone: the record still gets the note
             print(note, flush=True)
@@ -507,9 +522,15 @@ def all_reduce(tensor, world_size, op=dist.ReduceOp.SUM):
 
 
 def cap_memory(args, device):
-    if args.memory_limit_gb and device.type == "cuda":
+    """Caps this process's CUDA memory at --memory_limit_gb; a note where that cannot apply."""
+    if args.memory_limit_gb and device.type != "cuda":
+        return (
+            f"memory_limit_gb: {args.memory_limit_gb} ignored: it caps GPU memory, and this run is on the CPU"
+        )
+    if args.memory_limit_gb:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gb * 2**30 / total), device)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,21 +910,20 @@ class Monitor:
     record: it opens it, and on the way out writes its last lines however the run ended."""
 
     def __init__(self, run, stop, recipe, notes):
-        self.run, self.args, self.stop = run, run.args, stop
-        self.log = open_record(run, recipe, notes)
+        self.run, self.args, self.stop, self.recipe, self.notes = run, run.args, stop, recipe, notes
         self.step, self.val_loss, self.val_step = run.start_step, float("nan"), None  # for the summary
         self.save_agreed = self.stop_agreed = False
         self.data_error = self.stopped = None
         self.lost_context = []  # per sequence: tokens that lost context at a --micro_tokens cut
         self.last_save = self.progress_at = time.monotonic()
         self.progress_step, self.exit_status = run.start_step, 0
-        self._start_clock_after(run.start_step)
 
     def _start_clock_after(self, step):
         if step == self.run.start_step + self.args.untimed_steps:
             self.run.clock.start()  # after compilation and warmup, in every (resumed) process
 
     def validation_due(self, step):
+        self.stop.check()
         every = self.args.val_loss_every
         return step == self.args.num_iterations or bool(every and step % every == 0 and not self.stop_agreed)
 
@@ -911,14 +931,18 @@ class Monitor:
         return self.run.clock.paused()
 
     def validated(self, step, val_loss):
+        """The val line; a stop asked for during validation is agreed on now, so it saves at this step."""
+        self.stop.check()
         self.val_loss, self.val_step = val_loss, step
         self.log(f"step:{step}/{self.args.num_iterations} val_loss:{val_loss:.4f} {self.run.clock}")
+        if self.run.start_step < step < self.args.num_iterations and not self.stop_agreed:
+            wanted = torch.tensor(float(self.stop.requested()), device=self.run.device)
+            self.stop_agreed = all_reduce(wanted, self.run.world_size).item() > 0
 
     def checkpoint_due(self, step):
         """A save every rank agreed on, a stop (which saves first: torchrun kills its workers 30 s after it
         forwards a signal), or the end of a run that saves at all."""
-        args = self.args
-        at_the_end = step == args.num_iterations and bool(args.save_every or args.save_every_minutes)
+        at_the_end = step == self.args.num_iterations and self.args.save_final
         return step > self.run.start_step and (self.save_agreed or self.stop_agreed or at_the_end)
 
     def save(self, step):
@@ -931,6 +955,8 @@ class Monitor:
         """None at the last step; at a stop every rank agreed on, why (a data error ends the run here, raised
         on the rank that met it, which names it, and as a peer failure on the others)."""
         if step == self.args.num_iterations:
+            if not self.args.save_final:
+                self.log("checkpoint: none (--save_final=false)")
             if self.lost_context:
                 self.log(f"context: {sum(self.lost_context)} train tokens lost context at micro_tokens cuts")
             return None
@@ -948,6 +974,7 @@ class Monitor:
         """The one host sync of a step: every rank agrees on the mean loss, a stop (a signal, the planned
         time, a record the disk cannot take, a data error met by the loader's prefetch) and a save."""
         run, args = self.run, self.args
+        self.stop.check()
         self.data_error = data_error
         stop_wanted = self.stop.requested() or self.log.error is not None or data_error is not None
         save_wanted = bool(args.save_every and step % args.save_every == 0) or bool(
@@ -992,6 +1019,16 @@ class Monitor:
         )
 
     def __enter__(self):
+        """Opens the record. A signal meanwhile waits until it is open, then ends it in its last lines."""
+        self.stop.phase = "opening"
+        try:
+            self.log = open_record(self.run, self.recipe, self.notes)
+        finally:
+            self.stop.phase = "start-up"
+        self._start_clock_after(self.run.start_step)
+        if self.stop.signal:
+            why = "before the first step was done: nothing to save"
+            self.__exit__(Interrupted, Interrupted(self.stop.signal, why), None)  # raises it
         return self
 
     def __exit__(self, kind, error, traceback):
@@ -1000,6 +1037,7 @@ class Monitor:
         Several ranks cannot agree on it safely: they end unsaved. Raises the error as the user should see it;
         a clean end or a stop leaves the exit status in `exit_status`."""
         run, stop = self.run, self.stop
+        error = interruption(error) or error  # a signal while inductor compiles comes wrapped
         if error is not None:
             if isinstance(error, ShardError) and run.world_size == 1 and self.step > run.start_step:
                 error = error if "checkpoint saved" in str(error) else self._save_before(error)
@@ -1063,11 +1101,37 @@ def data_error_saved(error, step):
 # Signals and the end of a run
 
 
+def process_start_time():
+    """When this process started, before its imports (Linux's /proc: boot time plus the process's start in
+    clock ticks), else now."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def interruption(error):
+    """The Interrupted behind `error`, however deep another exception wrapped it (inductor wraps whatever a
+    signal raises while it compiles), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Interrupted):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class Interrupted(Exception):
     """A signal that ends the run where it is: exit status 128 + its number."""
 
     def __init__(self, signum, why):
-        super().__init__(f"{signal.Signals(signum).name} {why}")
+        self.message = f"{signal.Signals(signum).name} {why}"  # kept: a compiler may append to the args
+        super().__init__(self.message)
         self.exit_code = 128 + signum
 
 
@@ -1080,51 +1144,75 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
 
-    started, deadline, planned = time.monotonic(), math.inf, ""  # plan() sets them for this run
+    deadline, planned = math.inf, ""  # plan() sets them for this run
 
-    def __init__(self):
+    def __init__(self, started=None):
+        """`started`: the wall-clock time the stop plan and startup_s count from, the process's own start."""
         self.signal, self.since, self.previous, self.phase = None, 0.0, {}, "start-up"
+        self.started_at = started or process_start_time()
+        self.started = time.monotonic() - (time.time() - self.started_at)  # the same moment, monotonic
 
     def __enter__(self):
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
+        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = self.previous_hook
+
+    def _unraisable(self, unraisable):
+        """An Interrupted raised inside a callback that cannot raise (a weakref's, say) is lost there:
+        check() raises it again at the next step of the loop, so its report is noise."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.previous_hook(unraisable)
+
+    def check(self):
+        """Raises a signal that came before the first step was done, should a callback have swallowed it."""
+        if self.signal and self.phase == "start-up":
+            raise Interrupted(self.signal, "before the first step was done: nothing to save")
 
     def _handle(self, signum, frame):
         if self.phase == "finishing":
             return  # the record's last lines take milliseconds: torchrun's SIGTERM to the others waits
         if self.phase == "shutdown":
             os._exit(128 + signum)  # the record is closed: nothing is lost
+        if self.phase == "opening":
+            self.signal = signum  # the record is being opened: it ends in its last lines first
+            return
         if self.phase == "start-up":
-            raise Interrupted(signum, "before the first step was done: nothing to save")
+            self.signal = signum
+            self.check()
         if self.signal is None:
             self.signal, self.since = signum, time.monotonic()
         elif signum == signal.SIGINT and time.monotonic() - self.since > 5:
             raise Interrupted(signum, "a second time: stopped at once, no checkpoint")
 
     def plan(self, args):
-        """A planned stop: --max_hours after now, or the next --stop_at HH:MM of the local clock."""
-        self.started, self.deadline = time.monotonic(), math.inf
+        """A planned stop, counted from the process's start: --max_hours after it, or the first --stop_at
+        HH:MM of the local clock after it. Returns the note that says when, or None."""
+        self.deadline = math.inf
         if args.max_hours:
             self.deadline, self.planned = (
                 self.started + 3600 * args.max_hours,
                 f"--max_hours={args.max_hours}",
             )
         if args.stop_at:
-            now = datetime.now()
-            at = now.replace(
+            start = datetime.fromtimestamp(self.started_at)
+            at = start.replace(
                 hour=int(args.stop_at[:2]), minute=int(args.stop_at[3:]), second=0, microsecond=0
             )
-            at += timedelta(days=at <= now)  # the next such time
-            if self.started + (at - now).total_seconds() < self.deadline:
-                self.deadline, self.planned = (
-                    self.started + (at - now).total_seconds(),
-                    f"--stop_at={args.stop_at}",
-                )
+            at += timedelta(days=at <= start)  # the next such time
+            if self.started + (at - start).total_seconds() < self.deadline:
+                self.deadline = self.started + (at - start).total_seconds()
+                self.planned = f"--stop_at={args.stop_at}"
+        if self.deadline == math.inf:
+            return None
+        at = datetime.fromtimestamp(self.started_at + self.deadline - self.started)
+        left = timedelta(seconds=max(0, round(self.deadline - time.monotonic())))
+        return f"planned_stop: {at:%Y-%m-%d %H:%M:%S} ({self.planned}), in {left}"
 
     def requested(self):
         """A signal came, or the planned stop time has passed: stop at this step boundary."""
@@ -1189,7 +1277,10 @@ def main(run, argv):
     except (TrainError, FloatingPointError) as e:
         rank = int(os.environ.get("RANK", 0))
         raise SystemExit(f"train_gpt2.py{f' [rank {rank}]' if rank else ''}: {e}") from None
-    except Interrupted as e:
+    except Exception as e:
+        interrupted = interruption(e)
+        if interrupted is None:
+            raise
         with suppress(OSError):  # a terminal that hung up
-            print(f"train_gpt2.py: stopped: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+            print(f"train_gpt2.py: stopped: {interrupted.message}", file=sys.stderr, flush=True)
+        return interrupted.exit_code

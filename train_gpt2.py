@@ -86,7 +86,9 @@ class Hyperparameters(harness.RunFlags):
     mlp_ratio: int = knob(4, "MLP hidden width / model_dim", POSITIVE, "shape")
     rope_base: float = knob(10000.0, "rotary embedding base", harness.AT_LEAST_ONE)
     logit_softcap: float = knob(30.0, "logits = cap * tanh(logits / cap) (Gemma 2)", harness.AT_LEAST_ONE)
-    unet_skips: bool = knob(False, "decoder block n/2+i adds s_i x block n/2-1-i's output (10 Nov)")
+    unet_skips: bool = knob(
+        False, "decoder block n/2+i adds s_i x block n/2-1-i's output (10 Nov)", None, "shape"
+    )
     document_mask: bool = knob(False, "attention stays inside documents, each opened by eot_token (19 Nov)")
     eot_token: int = knob(50256, "the token that opens each document: GPT-2's <|endoftext|>", NON_NEGATIVE)
     window_tokens: int = knob(0, "sliding window: query i sees keys j > i - W (19 Nov); 0: all", NON_NEGATIVE)
@@ -781,6 +783,12 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
     train_loader = ShardLoader(args.input_bin, *loader_args)
     val_loader = ShardLoader(args.input_val_bin, *loader_args)
     notes = harness.check_data(args, train_loader, val_loader)
+    first = read_tokens(train_loader.files[0], 0, min(2**20, shard_size(train_loader.files[0])))
+    if args.document_mask and not (first == args.eot_token).any():  # one document: plain causal attention
+        notes.append(
+            f"document_mask: no --eot_token={args.eot_token} in the first {first.size} train tokens: "
+            "attention is plain causal there"
+        )
     torch.manual_seed(args.seed)
     with harness.model_fits(device):
         model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
@@ -809,9 +817,8 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
 def run_training(argv, stop):
     """One training run from its flags; returns the exit status, or raises what ended it."""
     args, checkpoint = harness.resolve_args(Hyperparameters, argv, __doc__.split("\n\n")[0])
-    stop.plan(args)
     rank, world_size, device = setup_distributed(args.device)
-    started, run_id, notes = harness.start_up(args, rank, world_size, device)
+    started, run_id, notes = harness.start_up(args, rank, world_size, device, stop)
     with attention_backends(device) as attention_note:
         run, run_notes = build_run(args, rank, world_size, device, checkpoint, started, run_id)
         with harness.Monitor(

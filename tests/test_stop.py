@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -49,7 +50,7 @@ def test_max_hours_stops_at_a_step_boundary_and_the_continuation_matches_an_unin
 
 
 def test_stop_at_is_the_next_such_time_of_the_local_clock():
-    stop = harness.StopRequest()
+    stop = harness.StopRequest(started=time.time())  # a process started now
     soon = datetime.now() + timedelta(minutes=2)
     stop.plan(parse_args([f"--stop_at={soon:%H:%M}"]))
     assert 0 < stop.deadline - stop.started <= 120
