@@ -11,7 +11,10 @@
 set -euo pipefail
 CALLER_DIR=$PWD
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then  # the set-up's venv (README), else the python3 on PATH
+  PYTHON=python3
+  if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; fi
+fi
 # torchrun passes on only TERM, INT, HUP and QUIT; SLURM's --signal=USR1@<seconds> warns of the time limit with USR1
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
