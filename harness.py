@@ -1238,29 +1238,61 @@ def first_failure(error, rank, world_size):
         return reason
 
 
+# flags that name files: a printed command gives them absolute, so it runs from any folder
+PATH_FLAGS = ("input_bin", "input_val_bin", "records_dir", "checkpoint_dir")
+
+
+def absolute_flag(name, value):
+    """A path flag's relative `value` made absolute (in the --input_* globs the folder is escaped: a path,
+    never a pattern); any other value as it is."""
+    if name not in PATH_FLAGS or not value or os.path.isabs(value):
+        return value
+    return os.path.join(glob.escape(os.getcwd()) if name.startswith("input") else os.getcwd(), value)
+
+
+def launcher(run):
+    """(environment assignments, argv) that start the trainer again as this run was started: through run.sh
+    (TRAIN_GPT2_LAUNCHER: its NAME=value variables, one a line, then its path), torchrun, or plainly."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if os.environ.get("TRAIN_GPT2_LAUNCHER"):
+        *variables, run_sh = os.environ["TRAIN_GPT2_LAUNCHER"].split("\n")
+        variables += [f"NPROC_PER_NODE={local}", f"PYTHON={sys.executable}"]
+        return [variable.split("=", 1) for variable in variables], [run_sh]
+    script = os.path.abspath(sys.argv[0])
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return [], [sys.executable, script]
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    if local == run.world_size:
+        return [], [*torchrun, "--standalone", "--local-addr=127.0.0.1", f"--nproc_per_node={local}", script]
+    # several nodes: the same rendezvous, on every node
+    endpoint = f"{os.environ.get('MASTER_ADDR', 'MASTER_ADDR')}:{os.environ.get('MASTER_PORT', 29500)}"
+    nodes = [f"--nnodes={run.world_size // local}", f"--nproc_per_node={local}", "--rdzv-backend=c10d"]
+    return [], [*torchrun, *nodes, f"--rdzv-endpoint={endpoint}", script]
+
+
 def continue_command(run, step):
     """The command that continues a stopped run from its checkpoint of `step` (that one: `latest` could be
-    another run's of the same name): its launcher, and the flags a resume does not inherit."""
-    args, local = run.args, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    launcher = [sys.executable if "TORCHELASTIC_RUN_ID" not in os.environ else "torchrun"]
-    if launcher == ["torchrun"] and local == run.world_size:
-        launcher += ["--standalone"]
-    elif launcher == ["torchrun"]:  # several nodes: the same rendezvous, on every node
-        endpoint = f"{os.environ.get('MASTER_ADDR', 'MASTER_ADDR')}:{os.environ.get('MASTER_PORT', 29500)}"
-        launcher += [
-            f"--nnodes={run.world_size // local}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={endpoint}",
-        ]
-    launcher += [f"--nproc_per_node={local}"] if launcher[0] == "torchrun" else []
-    names = fields_of_kind(type(args), "machine", "output")
+    another run's of the same name), pasted as is in any folder: its launcher, the flags a resume does not
+    inherit or repeats (their kinds), and those that name files relative to this run's folder. Several
+    nodes: the command of this node."""
+    args, (variables, argv) = run.args, launcher(run)
+    names = dict.fromkeys([*fields_of_kind(type(args), "machine", "output"), *PATH_FLAGS])
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    run_sh = bool(variables)  # starts the trainer in run.sh's folder: a relative default means the same there
     flags = [
-        f"--{name}={flag_text(getattr(args, name))}"
+        f"--{name}={flag_text(absolute_flag(name, value))}"
         for name in names
-        if getattr(args, name) != defaults[name]
+        if (value := getattr(args, name)) != defaults[name]
+        or (absolute_flag(name, value) != value and not run_sh)
     ]
-    return shlex.join([*launcher, sys.argv[0], f"--resume={checkpoint_path(run, step)}", *flags])
+    checkpoint = os.path.abspath(checkpoint_path(run, step))
+    # a NAME=value quoted whole would be a command's name: only its value is quoted
+    assignments = [f"{name}={shlex.quote(value)}" for name, value in variables]
+    command = " ".join([*assignments, shlex.join([*argv, f"--resume={checkpoint}", *flags])])
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) < run.world_size:
+        own = ", with its own NODE_RANK and LOCAL_ADDR" if run_sh else ""
+        command += f" (on every node{own}; every node must see {os.path.dirname(checkpoint)})"
+    return command
 
 
 def main(run, argv):

@@ -6,10 +6,15 @@
 #   LOCAL_ADDR=10.0.0.2 ...                            this node's address, where its hostname does not resolve
 # Flags take both forms, --input_bin PATH and --input_bin=PATH. Relative paths in --input_bin, --input_val_bin,
 # --records_dir, --checkpoint_dir and --resume mean what they mean in the folder run.sh was started from.
+# A signal (INT, TERM, HUP, QUIT, USR1) goes on to the trainer, which checkpoints and stops; run.sh then exits
+# 128 + its number. torchrun's own messages go to a file, named when torchrun fails.
 set -euo pipefail
 CALLER_DIR=$PWD
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then  # the set-up's venv (README), else the python3 on PATH
+  PYTHON=python3
+  if [ -x .venv/bin/python ]; then PYTHON=$PWD/.venv/bin/python; fi
+fi
 # torchrun passes on only TERM, INT, HUP and QUIT; SLURM's --signal=USR1@<seconds> warns of the time limit with USR1
 export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
@@ -64,14 +69,71 @@ if [ "$own_data" = 0 ]; then
   "$PYTHON" data/cached_fineweb10B.py  # fetches only missing or broken shards
 fi
 
+# The trainer prints this launcher, with its variables (NAME=value, one a line), in the command that continues
+export TRAIN_GPT2_LAUNCHER=$PWD/run.sh
 if [ "${NNODES:-1}" = 1 ]; then
   # Loopback for the workers' store: one machine needs no hostname lookup, which fails in some containers.
-  exec "$PYTHON" -m torch.distributed.run --standalone --local-addr=127.0.0.1 --nproc_per_node="$NPROC_PER_NODE" \
-    train_gpt2.py ${args[@]+"${args[@]}"}
+  torchrun=(--standalone --local-addr=127.0.0.1)
+else
+  : "${MASTER_ADDR:?run.sh: set MASTER_ADDR to the address of the node with NODE_RANK=0}"
+  : "${NODE_RANK:?run.sh: set NODE_RANK (0 to NNODES-1) on each node}"
+  IS_HOST=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store, never a race between nodes
+  torchrun=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}")
+  torchrun+=(--rdzv-conf="is_host=$IS_HOST" ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} --rdzv-id="${RUN_ID:-speedrun}")
+  TRAIN_GPT2_LAUNCHER=$(printf '%s\n' "NNODES=$NNODES" "NODE_RANK=$NODE_RANK" "MASTER_ADDR=$MASTER_ADDR" \
+    "MASTER_PORT=${MASTER_PORT:-29500}" ${LOCAL_ADDR:+"LOCAL_ADDR=$LOCAL_ADDR"} ${RUN_ID:+"RUN_ID=$RUN_ID"} \
+    "$TRAIN_GPT2_LAUNCHER")
 fi
-: "${MASTER_ADDR:?run.sh: set MASTER_ADDR to the address of the node with NODE_RANK=0}"
-: "${NODE_RANK:?run.sh: set NODE_RANK (0 to NNODES-1) on each node}"
-IS_HOST=$([ "$NODE_RANK" = 0 ] && echo 1 || echo 0)  # node 0 hosts the rendezvous store, never a race between nodes
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
-  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-conf="is_host=$IS_HOST" \
-  ${LOCAL_ADDR:+--local-addr="$LOCAL_ADDR"} --rdzv-id="${RUN_ID:-speedrun}" train_gpt2.py ${args[@]+"${args[@]}"}
+
+# torchrun's own stderr goes to $log: its log lines (W0312 14:03:11.123000 <pid> <file>:<line>] ...) and the
+# traceback it ends with after a signal or a failed worker, with all that follows; the trainer's, to the console.
+log=$(mktemp "${TMPDIR:-/tmp}/run_sh_torchrun.XXXXXX")
+torchrun_to_log() {
+  trap '' INT TERM HUP QUIT USR1  # read to the end: the trainer's last lines come after the signal
+  local line held=() ended=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [ "$ended" = 1 ] || [[ $line =~ ^[IWEF][0-9]{4}\ [0-9:.]+\ +[0-9]+\ [^\ ]+:[0-9]+\]\  ]]; then
+      printf '%s\n' "$line" >>"$log"
+    elif [ ${#held[@]} -gt 0 ] || [ "$line" = "Traceback (most recent call last):" ]; then
+      held+=("$line")
+      if [[ $line != " "* && $line != Traceback* ]]; then  # the exception's line ends a traceback
+        if [[ $line == torch.distributed.elastic.* ]]; then
+          ended=1
+          printf '%s\n' "${held[@]}" >>"$log"
+        else
+          printf '%s\n' "${held[@]}" >&2
+        fi
+        held=()
+      fi
+    else
+      printf '%s\n' "$line" >&2
+    fi
+  done
+  if [ ${#held[@]} -gt 0 ]; then printf '%s\n' "${held[@]}" >&2; fi
+}
+
+signal=0
+for name in INT TERM HUP QUIT USR1; do
+  trap "signal=\$(kill -l $name); kill -s $name \${torchrun_pid:-} 2>/dev/null || true" "$name"
+done
+exec 4> >(torchrun_to_log)
+filter_pid=$!
+set -m  # torchrun in its own process group: a Ctrl-C reaches it once, from run.sh, never twice
+"$PYTHON" -m torch.distributed.run "${torchrun[@]}" --nproc_per_node="$NPROC_PER_NODE" train_gpt2.py \
+  ${args[@]+"${args[@]}"} 2>&4 &
+torchrun_pid=$!
+set +m
+exec 4>&-
+# wait returns early for each signal forwarded; the status is torchrun's once it has exited
+while wait "$torchrun_pid"; status=$?; kill -0 "$torchrun_pid" 2>/dev/null; do :; done
+wait "$filter_pid"
+if [ "$signal" != 0 ]; then
+  rm -f "$log"
+  exit $((128 + signal))  # torchrun exits 1 after any signal; the trainer stopped on this one
+fi
+if [ "$status" != 0 ] && [ -s "$log" ]; then
+  echo "run.sh: torchrun exited with status $status; its own messages are in $log" >&2
+else
+  rm -f "$log"
+fi
+exit "$status"

@@ -63,7 +63,8 @@ def unreachable(what, endpoint=None):
 
     return (
         f"cannot reach the Hugging Face hub at {endpoint or constants.ENDPOINT} to get {what} (no network?): "
-        "check the internet connection (or set HF_ENDPOINT to a mirror) and run again"
+        "check the internet connection (or set HF_ENDPOINT to a mirror) and run again, or make shards of "
+        "your own text with data/fineweb.py --input <your .txt files>"
     )
 
 

@@ -325,7 +325,9 @@ def main(argv=None):
         texts = fineweb_texts(args.version)
         out_dir = Path(args.out_dir or HERE / f"fineweb{args.version}")
 
+    out_dir = out_dir.absolute()  # the printed command runs from any folder
     stage = out_dir / f"{args.name}.tmp"
+    new_folder = next((p for p in [*reversed(out_dir.parents), out_dir] if not p.exists()), None)
     try:
         remove_leftovers(out_dir, args.name)
         old = shard_paths(out_dir, args.name)
@@ -364,6 +366,8 @@ def main(argv=None):
         raise SystemExit(130) from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if new_folder and not shard_paths(out_dir, args.name):
+            shutil.rmtree(new_folder, ignore_errors=True)  # a failure leaves no empty folder it made
     total = sum(n for _, n in written)
     if counts.empty:
         print(
@@ -380,14 +384,15 @@ def main(argv=None):
     print(f"done: {len(written)} shards, {total:,} tokens in {out_dir}")
     if len(written) == 1:
         print(
-            f"warning: only a val shard: lower --shard_size (now {args.shard_size:,}) to get train shards",
+            f"warning: only a val shard ({total:,} tokens), no train shard to train on: give more text, "
+            f"or lower --shard_size (now {args.shard_size:,})",
             file=sys.stderr,
         )
+        return
     pattern = os.path.join(glob.escape(str(out_dir)), args.name)  # the trainer globs these: escape the folder
-    print(
-        f"train on them with: --input_bin={shlex.quote(pattern + '_train_*.bin')} "
-        f"--input_val_bin={shlex.quote(pattern + '_val_*.bin')}"
-    )
+    trainer = [sys.executable, str(HERE.parent / "train_gpt2.py")]
+    flags = [f"--input_bin={pattern}_train_*.bin", f"--input_val_bin={pattern}_val_*.bin"]
+    print(f"train on them with: {shlex.join(trainer + flags)}")
 
 
 if __name__ == "__main__":

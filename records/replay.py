@@ -5,21 +5,24 @@
     python records/replay.py RECORD --run [-- FLAGS]     also run it here, then compare it with the record
 
 The command holds the record's flags (its Hyperparameters: block) except the per-run ones, and
-OMP_NUM_THREADS from its cpu_threads: note. Flags after -- replace the record's, for example
---device=cpu or --input_bin=... Only our own records run here: a public record needs its own hardware.
+OMP_NUM_THREADS from its cpu_threads: note; this Python runs it, and its record and checkpoints go
+under DIR. Flags after -- replace the record's, for example --device=cpu or --input_bin=... Only our
+own records run here: a public record needs its own hardware.
 """
 
 import ast
 import glob
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  also puts the repository root on sys.path
 
-from data.flags import FlagParser  # noqa: E402
+from data.flags import FlagParser, run_tool  # noqa: E402
 
 # Flags that name where this run's outputs go or where it came from, not what it computes.
 PER_RUN_FLAGS = ("records_dir", "checkpoint_dir", "resume", "run_name")
@@ -42,12 +45,30 @@ def read_record(path):
     if not run.source_closed or not run.files:
         fail(f"{path}: its source is cut or incomplete (no line of 100 '=' after it); it cannot be replayed")
     for name, lines in run.files.items():
+        if os.path.isabs(name) or ".." in name.split("/"):
+            fail(f"{path}: embedded file name {name!r} leads outside --out; it cannot be replayed")
         if name.endswith(".py"):
             try:
-                ast.parse("\n".join(lines) + "\n", name)
+                tree = ast.parse("\n".join(lines) + "\n", name)
             except SyntaxError as e:
                 fail(f"{path}: its {name} is cut or incomplete (no valid Python at line {e.lineno})")
+            for module in missing_modules(tree, run.files):
+                fail(
+                    f"{path}: its {name} imports {module}, which the record does not embed: it cannot be "
+                    "replayed; replay a record that embeds it"
+                )
     return run
+
+
+def missing_modules(tree, files):
+    """The project modules (files of this checkout) that `tree` imports at its top and `files` lacks."""
+    for node in tree.body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        for module in names:
+            file = module.replace(".", "/") + ".py"
+            if os.path.isfile(os.path.join(ROOT, file)) and file not in files:
+                yield module
 
 
 def flag_items(flags):
@@ -66,60 +87,56 @@ def flag_items(flags):
     return items
 
 
+# torchrun on this machine as run.sh starts it: loopback for the workers' store
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1"]
+
+
+def launcher(processes):
+    """This Python, or its torchrun."""
+    return [sys.executable] if processes == 1 else [*TORCHRUN, f"--nproc_per_node={processes}"]
+
+
 def command(run, out, overrides=()):
-    """(environment additions, argv) that repeat the run with the copy in `out`."""
+    """(environment additions, argv) that repeat the run with the copy in `out`, from any folder."""
+    out = os.path.abspath(out)
     script = os.path.join(out, compare.MAIN_FILE)
     if not run.hparams:  # a public record: the script as it was, on the GPUs it names
-        gpus = run.env.get("gpus") or run.env.get("world_size") or 8
-        return {}, ["torchrun", "--standalone", f"--nproc_per_node={gpus}", script]
+        return {}, [*launcher(run.env.get("gpus") or run.env.get("world_size") or 8), script]
     flags = {k: v for k, v in run.hparams.items() if k not in PER_RUN_FLAGS}
+    flags.update(records_dir=os.path.join(out, "records"), checkpoint_dir=os.path.join(out, "checkpoints"))
     flags.update(flag_items(overrides))
-    world = run.env.get("world_size") or 1
-    launch = (
-        ["python"] if world == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world}"]
-    )  # world_size 1: one plain process
     threads = run.note("cpu_threads")
     env = {"OMP_NUM_THREADS": threads.split()[0]} if threads and threads.split()[0].isdigit() else {}
-    return env, [*launch, script, *(f"--{k}={v}" for k, v in flags.items())]
+    return env, [*launcher(run.env.get("world_size") or 1), script, *(f"--{k}={v}" for k, v in flags.items())]
 
 
-def shell_line(env, argv):
-    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
+def shell_line(env, argv, exec_word=()):
+    """The command as a shell line; the variables go before `exec`, where the shell reads them as such."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *exec_word, *map(shlex.quote, argv)])
 
 
 def write_out(run, out, env, argv):
     """Every embedded file under its own name, and command.sh; returns the command line."""
+    created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
         for name, lines in run.files.items():
-            if os.path.isabs(name) or ".." in name.split("/"):
-                fail(f"{run.path}: embedded file name {name!r} leads outside --out; not written")
             path = os.path.join(out, name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write("\n".join(lines).rstrip("\n") + "\n")
-        line = shell_line(env, argv)
         with open(os.path.join(out, "command.sh"), "w") as f:
-            f.write(
-                f"#!/bin/sh\n# repeats {run.path}; run it from the folder the record's data paths start in\n"
-            )
-            f.write(f'exec {line} "$@"\n')
+            f.write(f"#!/bin/sh\n# repeats {run.path}; relative data paths start in the folder it runs in\n")
+            f.write(f'{shell_line(env, argv, ["exec"])} "$@"\n')
     except OSError as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # a refusal leaves no partial folder
         fail(f"--out {out}: {e.strerror or e}; pick another folder")
-    return line
+    return shell_line(env, argv)
 
 
 def launch(env, argv, out):
-    """Run the command here: python is this interpreter, torchrun is its torch.distributed.run."""
-    argv = list(argv)
-    if argv[0] == "python":
-        argv[0:1] = [sys.executable]
-    else:
-        argv[0:1] = [sys.executable, "-m", "torch.distributed.run"]
-    argv += [
-        f"--records_dir={os.path.join(out, 'records')}",
-        f"--checkpoint_dir={os.path.join(out, 'checkpoints')}",
-    ]
+    """Run the command here; returns the path of the record it wrote."""
     try:
         status = subprocess.run(argv, env={**os.environ, **env}).returncode
     except KeyboardInterrupt:
@@ -161,8 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("replay.py: stopped (Ctrl-C)", file=sys.stderr)
-        sys.exit(130)
+    run_tool(main, "replay.py")

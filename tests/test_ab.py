@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -303,3 +304,34 @@ def test_run_sh_trains_on_relative_paths_from_another_folder(tmp_path):
     records = glob.glob(glob.escape(str(caller)) + "/recs/*_run/*.txt")
     assert len(records) == 1 and STEP_LINE.findall(open(records[0]).read())[-1][:3] == ("3", "3", "val_loss")
     assert len(glob.glob(glob.escape(str(caller)) + "/ck/run/*.pt")) == 1
+
+
+def test_ctrl_c_under_run_sh_ends_with_the_trainers_lines_and_exit_130(shards, tmp_path):
+    """SIGINT to run.sh's process group, as a terminal's Ctrl-C: torchrun's noise stays off the console."""
+    flags = [*TINY_FLAGS, *shards, "--num_iterations=100000", "--warmdown_iters=0", "--progress_seconds=1e-9"]
+    env = {**os.environ, "NPROC_PER_NODE": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    env.pop("NNODES", None)
+    run = subprocess.Popen(
+        ["bash", RUN_SH, *flags],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in run.stdout:
+        seen.append(line)
+        if re.match(r"step \d+/100000 ", line):
+            os.killpg(run.pid, signal.SIGINT)
+            break
+    console = ("".join(seen) + run.communicate(timeout=120)[0]).splitlines()
+    assert run.returncode == 130, console[-30:]
+    assert console[-1].startswith("summary: ") and "Traceback" not in "\n".join(console)
+    stopped = console[-2]
+    assert re.match(r"stopped: SIGINT at step \d+: checkpoint saved; continue with: ", stopped)
+    command = shlex.split(stopped.split("continue with: ", 1)[1])
+    assert command[:3] == ["NPROC_PER_NODE=1", f"PYTHON={sys.executable}", RUN_SH]
+    assert command[3].startswith(f"--resume={shards.checkpoint_dir}/run/")
+    assert not glob.glob(f"{tmp_path}/run_sh_torchrun.*")  # a stop by signal keeps no log of torchrun's noise

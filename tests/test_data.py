@@ -180,7 +180,7 @@ def test_no_network_fails_fast_in_one_line_and_changes_nothing(gpt2, tmp_path):
         "cached_fineweb10B.py", [1, "--dir", tmp_path / "d"], tmp_path, HF_ENDPOINT=endpoint
     )
     assert time.monotonic() - start < 10  # huggingface_hub alone retried for 24 s
-    assert_one_line_error((rc, err), endpoint, "fineweb_val_000000.bin")
+    assert_one_line_error((rc, err), endpoint, "fineweb_val_000000.bin", "data/fineweb.py --input")
     assert err.count("\n") == 1 and stdout == ""
     assert list(tmp_path.iterdir()) == []  # no data folder, no .cache, no HF_HOME
 
@@ -277,7 +277,10 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
     assert rc == 0, err
     paths = check_stream(gpt2, out, "mine", docs, 16)
     assert len(paths) >= 4
-    assert f"--input_bin='{out}/mine_train_*.bin'" in stdout
+    assert printed_globs(stdout) == {
+        "input_bin": f"{out}/mine_train_*.bin",
+        "input_val_bin": f"{out}/mine_val_*.bin",
+    }
 
     import train_gpt2  # the trainer's reader and loader agree with the writer
 
@@ -293,7 +296,7 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
     # a glob and single files work too; existing shards are kept unless --overwrite
     rc, _, err = run("fineweb.py", ["--input", src / "*.txt", "--name", "mine", "--out_dir", out], tmp_path)
     assert_one_line_error((rc, err), "already has", "--overwrite")
-    rc, _, err = run(
+    rc, stdout, err = run(
         "fineweb.py",
         [
             "--input",
@@ -310,7 +313,8 @@ def test_tokenize_local_txt_jsonl_parquet(gpt2, tmp_path):
         tmp_path,
     )
     assert rc == 0, err
-    assert "only a val shard" in err
+    assert "only a val shard" in err and "more text" in err
+    assert "--input_bin" not in stdout  # no command for train shards that do not exist
     check_stream(gpt2, out, "mine", docs[:4], 1000)
 
 
@@ -434,10 +438,50 @@ def test_overwrite_keeps_the_old_shards_until_the_new_ones_are_complete(gpt2, tm
     ]  # the old train shards went with the old val
 
 
-def printed_globs(stdout):
-    """The --input_bin and --input_val_bin values fineweb.py prints, as the shell would pass them."""
+def printed_command(stdout):
+    """The training command fineweb.py prints, as the shell would pass it."""
     line = next(line for line in stdout.splitlines() if line.startswith("train on them with: "))
-    return dict(flag[2:].split("=", 1) for flag in shlex.split(line.split(": ", 1)[1]))
+    return shlex.split(line.split(": ", 1)[1])
+
+
+def printed_globs(stdout):
+    """The --input_bin and --input_val_bin values of the printed command."""
+    return dict(word[2:].split("=", 1) for word in printed_command(stdout) if word.startswith("--"))
+
+
+def test_the_printed_training_command_runs_from_another_folder(gpt2, tmp_path):
+    (tmp_path / "docs.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"Document {i}. " * 40}) for i in range(30))
+    )
+    args = [
+        "--input",
+        "docs.jsonl",
+        "--name",
+        "t",
+        "--out_dir",
+        "shards",
+        "--shard_size",
+        2000,
+        "--workers",
+        1,
+    ]
+    rc, stdout, err = run("fineweb.py", args, tmp_path)  # a relative --out_dir
+    assert rc == 0, err
+    command = printed_command(stdout)
+    assert command[:2] == [sys.executable, str(ROOT / "train_gpt2.py")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny = ["--num_layers=2", "--model_dim=64", "--num_heads=2", "--seq_len=32", "--batch_size=8"]
+    tiny += [
+        "--val_tokens=256",
+        "--num_iterations=2",
+        "--warmdown_iters=1",
+        "--device=cpu",
+        "--save_every_minutes=0",
+    ]
+    r = subprocess.run(command + tiny, cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(r"^step:2/2 val_loss:", r.stdout, re.M)
 
 
 def test_folders_with_glob_characters_are_paths(gpt2, tmp_path):
@@ -490,7 +534,7 @@ def test_input_without_text_is_refused_and_empty_documents_are_skipped(gpt2, tmp
     ]:
         rc, stdout, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)
         assert_one_line_error((rc, err), *words, "--input")
-        assert stdout == "" and list(out.iterdir()) == []
+        assert stdout == "" and not out.exists()  # no empty folder left behind
     (tmp_path / "text.txt").write_text("Some text at last.")
     inputs = ["empty.txt", "blank.jsonl", "text.txt"]
     rc, _, err = run("fineweb.py", ["--input", *inputs, "--out_dir", out, "--workers", 1], tmp_path)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -121,10 +122,11 @@ def test_non_finite_loss_stops_the_run_with_a_logged_reason(shards, capsys):
     assert record.splitlines()[-1].startswith("summary: last_val_loss:5.5452 last_val_step:0 ")  # never final
 
 
-def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
+@pytest.mark.parametrize("nproc", [None, 1], ids=["plain", "torchrun"])
+def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards, nproc):
     records_dir = shards.records_dir
     run = run_script(
-        TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"]
+        TINY_FLAGS + shards + ["--num_iterations=100000", "--warmdown_iters=0", "--val_loss_every=0"], nproc
     )
     deadline = time.time() + 120
     while time.time() < deadline and not re.search(r"step:3/", _record_or_empty(records_dir)):
@@ -134,12 +136,17 @@ def test_ctrl_c_checkpoints_and_leaves_a_complete_log(shards):
         signal.SIGINT
     )  # torchrun forwards the terminal's Ctrl-C: the copy must not abort the save
     run.communicate(timeout=60)
-    assert run.returncode == 130
+    assert run.returncode == (1 if nproc else 130)  # torchrun exits 1 after any signal; run.sh, 130
     lines = read_record(records_dir).splitlines()
     assert re.fullmatch(r"checkpoint: .*/checkpoints/run/.*-step\d{6}\.pt", lines[-3])
     assert os.path.isfile(lines[-3].split(": ", 1)[1])
     continued = r"continue with: .* --resume=\S+-step\d{6}\.pt .*"  # that checkpoint, not latest
     assert re.fullmatch(r"stopped: SIGINT at step \d+: checkpoint saved; " + continued, lines[-2])
+    launcher = [*TORCHRUN, "--nproc_per_node=1"] if nproc else [sys.executable]  # as it was started
+    assert shlex.split(lines[-2].split("continue with: ")[1])[: len(launcher) + 1] == [
+        *launcher,
+        os.path.join(ROOT, "train_gpt2.py"),
+    ]
     assert lines[-1].startswith("summary: ") and "world_size:1" in lines[-1]
 
 
