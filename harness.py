@@ -23,6 +23,7 @@ import tempfile
 import time
 import types
 import uuid
+import warnings
 from contextlib import contextmanager, suppress
 from dataclasses import field
 from datetime import datetime, timedelta
@@ -1184,6 +1185,8 @@ class StopRequest:
             return
         if self.phase == "start-up":
             self.signal = signum
+            # what torch warns about the compile this interrupts (a traceback of the forward) is noise now
+            warnings.filterwarnings("ignore")
             self.check()
         if self.signal is None:
             self.signal, self.since = signum, time.monotonic()
