@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention.flex_attention import BlockMask
 
 # ----------------------------------------------------------------------------------------------
 # Errors: each becomes one line on stderr and exit status 1
@@ -351,6 +352,45 @@ class Clock:
             self.start()
 
 
+class FirstCalls:
+    """A compiled callable whose first call per graph is timed on the host clock, the device synced: its
+    compile, any autotuning and one run; a call that needs a gradient until its backward ends (inductor
+    compiles the backward graph then). A graph is `name` (default: train or eval, by grad mode) and the first
+    argument's shape. `times`: {graph: seconds} of this process, for the record."""
+
+    times = {}
+
+    def __init__(self, compiled, name=""):
+        self.compiled, self.name = compiled, name
+
+    def __call__(self, *args, **kwargs):
+        name = self.name or ("train" if torch.is_grad_enabled() else "eval")
+        graph, started = f"{name} {'x'.join(map(str, args[0].shape))}", time.perf_counter()
+        if graph in self.times:
+            return self.compiled(*args, **kwargs)
+
+        def done():
+            if args[0].is_cuda:
+                torch.cuda.synchronize(args[0].device)
+            self.times[graph] = time.perf_counter() - started
+
+        self.times[graph] = math.nan  # a first call that fails stays nan
+        out = self.compiled(*args, **kwargs)
+        done()  # the forward's time; a backward adds its own once it ends
+        if out.requires_grad:  # the engine runs a queued callback when the whole backward is done
+            out.register_hook(lambda grad: torch.autograd.Variable._execution_engine.queue_callback(done))
+        return out
+
+
+def compile_line():
+    """Where a compiled start-up went: each graph's first call (FirstCalls), and inductor's cache hits and
+    misses, which tell a warm start from a cold one."""
+    cache = torch._dynamo.utils.counters["inductor"]
+    graphs = ", ".join(f"{graph} {seconds:.1f}s" for graph, seconds in FirstCalls.times.items())
+    hits, misses = cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
+    return f"compile: {graphs or 'no graph called yet'}; inductor cache hits {hits} misses {misses}"
+
+
 @dataclasses.dataclass
 class Latest:
     """What the run has reached: the last finished step and the last validation, for the summary."""
@@ -456,6 +496,55 @@ def cap_memory(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Attention masks: query i sees key j iff j <= i, both lie in one document and i - j < window (19 Nov), in
+# the two forms the kernels take; `docs` holds each token's document id (ascending), `window` is a tensor
+
+
+def chunked_masks(docs, window, chunk):
+    """SDPA masks (the CPU, or CUDA uncompiled). Chunks of chunk >= window - 1 queries see only their own and
+    the previous chunk's keys, exactly, so a 64K sequence needs no 64K x 64K mask. [(query slice, key slice,
+    mask)]."""
+    seq, positions, masks = docs.size(1), torch.arange(docs.size(1), device=docs.device), []
+    for start in range(0, seq, chunk):
+        q, k = slice(start, min(start + chunk, seq)), slice(max(0, start - chunk), min(start + chunk, seq))
+        i, j = positions[q, None], positions[None, k]
+        mask = (j <= i) & (i - j < window) & (docs[:, q, None] == docs[:, None, k])
+        masks.append((q, k, mask[:, None]))  # one mask for every head
+    return masks
+
+
+def ordered_blocks(blocks):
+    """FlexAttention's (counts, indices) of a (batch, query block, key block) boolean: the set ones first."""
+    indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32)[:, None], indices.to(torch.int32)[:, None]
+
+
+def flex_block_mask(docs, window, block=128):
+    """FlexAttention's BlockMask, built eagerly from (seq/block)^2 block-level facts, never a seq x seq mask;
+    outside the compiled graph, so inductor compiles no sort for it (minutes at 512 blocks on torch 2.11:
+    pytorch issue 182060). Ids ascend, so blocks i >= j hold a same-document pair iff key block j's last id is
+    query block i's first, and only that nearest pair can lie within the window: the block is then partial
+    (the rule runs per element) or, all one document and all within the window, full."""
+    batch, seq = docs.shape
+    pad = -seq % block  # padding: a document of its own, which no real query sees
+    docs = torch.cat([docs, (docs[:, -1:] + 1).expand(batch, pad)], 1)
+    first, last = docs[:, ::block], docs[:, block - 1 :: block]
+    i = torch.arange(first.size(1), device=docs.device)[:, None]
+    gap = i - i.T  # query block i - key block j
+    near = (gap == 0) | (
+        (gap > 0) & ((gap - 1) * block + 1 < window) & (last[:, None, :] == first[:, :, None])
+    )
+    full = (gap > 0) & ((gap + 1) * block - 1 < window) & (first[:, None, :] == last[:, :, None])
+
+    def document_causal_window(b, h, q, k):
+        return (k <= q) & (q - k < window) & (docs[b, q] == docs[b, k])
+
+    return BlockMask.from_kv_blocks(
+        *ordered_blocks(near & ~full), *ordered_blocks(full), block, document_causal_window, (seq, seq)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # The micro-batch probe: the largest micro-batch that fits this device
 
 
@@ -508,6 +597,23 @@ def activation_bytes(args, size, device):
     return size * args.seq_len * (args.num_layers * 21 * args.model_dim + args.vocab_size) * per_value
 
 
+def room_for_activations(free, reserved, memory_limit_gb, state_bytes):
+    """Bytes left for a micro-batch's activations: the device's free memory (torch.cuda.mem_get_info, blind to
+    the allocator's cap) or, under --memory_limit_gb, the cap less what the allocator already holds, whichever
+    is less; less the optimizer states to come."""
+    capped = memory_limit_gb * 2**30 - reserved if memory_limit_gb else math.inf
+    return min(free, capped) - state_bytes
+
+
+def activation_room(model, args, device):
+    """room_for_activations on this CUDA device now (math.inf on a CPU)."""
+    if device.type != "cuda":
+        return math.inf
+    state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free, reserved = torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+    return room_for_activations(free, reserved, args.memory_limit_gb, state_bytes)
+
+
 def smallest_of_all_ranks(chosen, world_size, device):
     """The smallest of every rank's choice, so all ranks run the same micro-steps; the peak memory counts
     from here, after the probe."""
@@ -531,9 +637,14 @@ def choose_device_batch_size(model, args, world_size, device, fits=None, forward
         return candidates[0], "auto on CPU: no memory probe, the largest candidate"
     estimate = ""
     if fits is None:
-        state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-        free = torch.cuda.mem_get_info(device)[0] - state_bytes if device.type == "cuda" else math.inf
-        candidates = [size for size in candidates if activation_bytes(args, size, device) <= free] or [1]
+        free = activation_room(model, args, device)
+        # a 64K sequence that cannot fit goes to --micro_tokens unprobed: no compile of a graph never used
+        last_resort = [] if args.document_mask and args.micro_tokens is None else [1]
+        candidates = [
+            size for size in candidates if activation_bytes(args, size, device) <= free
+        ] or last_resort
+        if not candidates:
+            raise ConfigError(f"not even one sequence of {args.seq_len} tokens fits, by the estimate")
         estimate = f"; estimated activations {activation_bytes(args, candidates[0], device) / 2**30:.1f} GiB"
         estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
         fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
@@ -601,6 +712,9 @@ def choose_micro_tokens(model, args, world_size, device, fits=None, forward_kwar
     """(tokens, note) for --micro_tokens=auto once not one whole sequence fits: the largest seq_len / 2^k (at
     least 1024) whose micro-step fits, the smallest choice of all ranks."""
     candidates = [args.seq_len >> k for k in range(1, 32) if args.seq_len >> k >= 1024]
+    if fits is None:  # the estimate's sizes only (the smallest at the least): one compile per graph
+        room, per_sequence = activation_room(model, args, device), activation_bytes(args, 1, device)
+        candidates = [t for t in candidates if per_sequence * t / args.seq_len <= room] or candidates[-1:]
     fits = fits or (lambda tokens: probe_fits(model, args, 1, device, tokens, forward_kwargs))
     chosen = next((tokens for tokens in candidates if fits(tokens)), None)
     if chosen is None:
@@ -975,17 +1089,25 @@ def summary_line(latest, run, stop, finished):
         fields.append(f"last_val_loss:{latest.val_loss:.4f} last_val_step:{latest.val_step}")
     fields.append(f"train_time:{clock.train_ms:.0f}ms")
     if clock.timed_steps:
-        fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms")
+        tokens_per_s = run.args.batch_size * run.args.seq_len * clock.timed_steps / (clock.train_ms / 1000)
+        fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms tokens_per_s:{tokens_per_s:.0f}")
     startup = (clock.first_started or time.monotonic()) - stop.started  # flags to the first timed step
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if run.args.compile else 0
     fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
-    fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size}")
+    fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB")
+    if (
+        run.device.type == "cuda"
+    ):  # what a card must hold, the allocator's cache included (no CPU counterpart)
+        fields.append(f"peak_reserved:{torch.cuda.max_memory_reserved(run.device) // 2**20}MiB")
+    fields.append(f"world_size:{run.world_size}")
     return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"
 
 
 def finish_record(log, stopped, latest, run, stop):
     """The record's last lines, `stopped:` and `summary:`."""
     lines = [f"stopped: {stopped}"] if stopped else []
+    if run.args.compile and run.clock.first_started is None:  # no timed step: train() never wrote it
+        lines.insert(0, compile_line())
     for line in lines + [summary_line(latest, run, stop, finished=not stopped)]:
         log(line)  # on the console too, where it survives a full disk
     log.close()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import harness
@@ -118,6 +118,9 @@ class Hyperparameters:
         None, "micro-step tokens (sequences cut where documents start); auto: as needed", POSITIVE, "machine"
     )
     compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
+    coordinate_descent: bool = knob(
+        False, "inductor tunes each kernel's launch: minutes more compile", None, "machine"
+    )
     memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
     resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "machine")
     stop_at: str = knob(
@@ -280,29 +283,6 @@ def apply_rotary(x, cos, sin):  # x: (batch, seq, heads, head_dim); rotates the 
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def flex_block_mask(docs, window):
-    """FlexAttention's block mask (CUDA, compiled) of the rule below; `window` is a tensor: no recompiles."""
-
-    def document_causal_window(b, h, q, k):
-        return (k <= q) & (q - k < window) & (docs[b, q] == docs[b, k])
-
-    batch, seq = docs.shape
-    return create_block_mask(document_causal_window, batch, None, seq, seq, device=docs.device)
-
-
-def chunked_masks(docs, window, chunk):
-    """The same attention as SDPA masks (the CPU, or CUDA uncompiled): query i sees key j iff j <= i, both in
-    one document and i - j < window. Chunks of chunk >= window - 1 queries see only their own and the previous
-    chunk's keys, exactly, so a 64K sequence needs no 64K x 64K mask. [(query slice, key slice, mask)]."""
-    seq, positions, masks = docs.size(1), torch.arange(docs.size(1), device=docs.device), []
-    for start in range(0, seq, chunk):
-        q, k = slice(start, min(start + chunk, seq)), slice(max(0, start - chunk), min(start + chunk, seq))
-        i, j = positions[q, None], positions[None, k]
-        mask = (j <= i) & (i - j < window) & (docs[:, q, None] == docs[:, None, k])
-        masks.append((q, k, mask[:, None]))  # one mask for every head
-    return masks
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -325,7 +305,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif isinstance(mask, list):  # chunked_masks
+        elif isinstance(mask, list):  # harness.chunked_masks
             y = torch.cat(
                 [
                     F.scaled_dot_product_attention(q[:, :, a], k[:, :, b], v[:, :, b], attn_mask=m)
@@ -373,6 +353,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.rope_base, self.head_dim = logit_softcap, rope_base, model_dim // num_heads
         self.document_mask, self.eot_token = parts.get("document_mask", False), parts.get("eot_token", 50256)
         self.window_tokens = parts.get("window_tokens", 0)  # the last step's window: a forward without one
+        self.flex_attention = False  # compile_model's choice on CUDA: FlexAttention, compiled
         self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio) for _ in range(num_layers))
         self.skip_weights = nn.Parameter(torch.empty(num_layers // 2)) if parts.get("unet_skips") else None
@@ -419,17 +400,23 @@ class GPT(nn.Module):
         docs = (idx == self.eot_token).cumsum(1) if self.document_mask else torch.zeros_like(idx)
         if window is None:
             window = torch.tensor(self.window_tokens or idx.size(1), device=idx.device)
-        if idx.is_cuda and torch.compiler.is_compiling():
-            return flex_block_mask(docs, window)
-        # a chunk >= the largest window - 1 is exact for every step's window, and static: no graph break
-        return chunked_masks(docs, window, max((self.window_tokens or idx.size(1)) - 1, ATTENTION_CHUNK))
+        if self.flex_attention:
+            return harness.flex_block_mask(docs, window)
+        # a chunk >= the largest window - 1 is exact for every step's window, and static: no recompile
+        return harness.chunked_masks(
+            docs, window, max((self.window_tokens or idx.size(1)) - 1, ATTENTION_CHUNK)
+        )
 
     def forward(self, idx, targets=None, window=None, offset=None):
         """Mean loss over targets (-100: padding, left out), or logits; `window` and `offset` are tensors: the
-        step's attention window (default: the last step's) and the rotary position of idx's first token."""
+        step's attention window (default: the last step's) and the rotary position of idx's first token. The
+        mask is built here, each call, outside the graph: compile_model compiles only the trunk."""
+        return self.trunk(idx, targets, self.attention_mask(idx, window), offset)
+
+    def trunk(self, idx, targets, mask, offset):
         x = x0 = rms_norm(self.embed(idx))  # norm right after the embedding
         rotary = rotary_cos_sin(idx.size(1), self.head_dim, self.rope_base, x.dtype, idx.device, offset)
-        v1, mask, skips = None, self.attention_mask(idx, window), []
+        v1, skips = None, []
         half = len(self.blocks) // 2 if self.skip_weights is not None else 0
         for index, block in enumerate(self.blocks):
             if index >= len(self.blocks) - half:  # U-net (10 Nov): decoder block n-half+i gets block half-1-i
@@ -459,11 +446,18 @@ def cast_model(model, dtype):
     return model
 
 
-INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # the 8 Nov record's: tunes each kernel's launch
+def inductor_options(args):  # the 8 Nov record tuned launches; later public records banned it (slow compiles)
+    return {"coordinate_descent_tuning": args.coordinate_descent}
 
 
-def compile_model(model):
-    return torch.compile(model, dynamic=False, options=INDUCTOR_OPTIONS)  # static shapes: one graph per size
+def compile_model(model, args):
+    """The model, its trunk compiled (static shapes: one graph per size) and timed (harness.FirstCalls); on
+    CUDA its masks are FlexAttention's, which only compiled code runs fast (and has no CPU backward)."""
+    model.flex_attention = model.embed.weight.is_cuda
+    model.trunk = harness.FirstCalls(
+        torch.compile(model.trunk, dynamic=False, options=inductor_options(args))
+    )
+    return model
 
 
 def build_optimizers(model, args, rank, world_size, device):
@@ -490,9 +484,8 @@ def build_optimizers(model, args, rank, world_size, device):
         ns_dtype=compute_dtype(device),
     )
     if args.compile:  # 15 bf16 matmuls + element-wise work per matrix: fused, one graph per matrix shape
-        muon.orthogonalize = torch.compile(
-            newton_schulz_orthogonalize, dynamic=False, options=INDUCTOR_OPTIONS
-        )
+        compiled = torch.compile(newton_schulz_orthogonalize, dynamic=False, options=inductor_options(args))
+        muon.orthogonalize = harness.FirstCalls(compiled, "newton_schulz")
     return adam, muon
 
 
@@ -824,6 +817,8 @@ def train(run, log, stop, latest):
         latest.step = step + 1
         stop.phase = "training"  # from here a signal waits for the step boundary (the first step may compile)
         log(f"step:{step + 1}/{args.num_iterations} train_loss:{train_loss:.4f} {clock}", console=False)
+        if args.compile and step == run.start_step + args.untimed_steps:  # the first timed step is done
+            log(harness.compile_line())
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"train loss is {train_loss} at step {step + 1}: lower the learning rates or check the data"
@@ -858,7 +853,7 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
         )
         notes += checkpoint.get("notes", [])  # harness.resolve_args: changed flags, broken checkpoints
-    compiled = compile_model(model) if args.compile else model
+    compiled = compile_model(model, args) if args.compile else model
     kwargs = forward_kwargs(start_step, args, device)  # the probe calls the model as the first step will
     note = harness.choose_micro_steps(compiled, args, world_size, device, kwargs)  # where auto: probed
     notes += [note] if note else []
