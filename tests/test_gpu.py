@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU; the CPU siblings are tests/test_model.py::test_bf16_casts_keep_fp32_master_"
     "weights_for_linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_"
     "complete_record, tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits, "
-    "tests/test_gpu_benchmark.py and tests/test_compiled.py",
+    "tests/test_gpu_report.py (the check's dry run) and tests/test_compiled.py",
 )
 
 CUDA = torch.device("cuda")
