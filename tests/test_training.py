@@ -52,7 +52,7 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     )
     fields = dict(field.split(":", 1) for field in lines[-1].split(" device:")[0].split()[1:])
     tokens_per_s = 8 * 32 * 48 / (int(fields["train_time"][:-2]) / 1000)  # 48 timed steps of 8 x 32 tokens
-    assert int(fields["tokens_per_s"]) == pytest.approx(tokens_per_s, abs=1)
+    assert int(fields["tokens_per_s"]) == pytest.approx(tokens_per_s, rel=2e-3)  # train_time: whole ms
     assert f"final_val_loss:{val[-1]:.4f}" in lines[-1]
 
 
