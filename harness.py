@@ -133,6 +133,9 @@ class RunFlags:
         None, "micro-step tokens (sequences cut where documents start); auto: as needed", POSITIVE, "machine"
     )
     compile: bool | None = knob(None, "torch.compile; auto = on for CUDA, off for CPU", None, "machine")
+    coordinate_descent: bool = knob(
+        False, "inductor tunes each kernel's launch: minutes more compile", None, "machine"
+    )
     memory_limit_gb: float = knob(0.0, "cap GPU memory, to rehearse a smaller card", NON_NEGATIVE, "machine")
     resume: str = knob("", "checkpoint to continue from: a path, or latest (of run_name)", None, "this_run")
     stop_at: str = knob(
@@ -420,6 +423,45 @@ class Clock:
             self.start()
 
 
+class FirstCalls:
+    """A compiled callable whose first call per graph is timed on the host clock, the device synced: its
+    compile, any autotuning and one run; a call that needs a gradient until its backward ends (inductor
+    compiles the backward graph then). A graph is `name` (default: train or eval, by grad mode) and the first
+    argument's shape. `times`: {graph: seconds} of this process, for the record."""
+
+    times = {}
+
+    def __init__(self, compiled, name=""):
+        self.compiled, self.name = compiled, name
+
+    def __call__(self, *args, **kwargs):
+        name = self.name or ("train" if torch.is_grad_enabled() else "eval")
+        graph, started = f"{name} {'x'.join(map(str, args[0].shape))}", time.perf_counter()
+        if graph in self.times:
+            return self.compiled(*args, **kwargs)
+
+        def done():
+            if args[0].is_cuda:
+                torch.cuda.synchronize(args[0].device)
+            self.times[graph] = time.perf_counter() - started
+
+        self.times[graph] = math.nan  # a first call that fails stays nan
+        out = self.compiled(*args, **kwargs)
+        done()  # the forward's time; a backward adds its own once it ends
+        if out.requires_grad:  # the engine runs a queued callback when the whole backward is done
+            out.register_hook(lambda grad: torch.autograd.Variable._execution_engine.queue_callback(done))
+        return out
+
+
+def compile_line():
+    """Where a compiled start-up went: each graph's first call (FirstCalls), and inductor's cache hits and
+    misses, which tell a warm start from a cold one."""
+    cache = torch._dynamo.utils.counters["inductor"]
+    graphs = ", ".join(f"{graph} {seconds:.1f}s" for graph, seconds in FirstCalls.times.items())
+    hits, misses = cache["fxgraph_cache_hit"], cache["fxgraph_cache_miss"]
+    return f"compile: {graphs or 'no graph called yet'}; inductor cache hits {hits} misses {misses}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Start-up: output folders and input checks, before anything slow
 
@@ -573,6 +615,22 @@ def activation_bytes(model, args, size, device):
     return size * args.seq_len * model.activation_values_per_token() * per_value
 
 
+def room_for_activations(free, reserved, memory_limit_gb, state_bytes):
+    """Bytes left for a micro-batch's activations: the device's free memory (torch.cuda.mem_get_info, blind to
+    the allocator's cap) or, under --memory_limit_gb, the cap less what the allocator already holds, whichever
+    is less; less the optimizer states to come."""
+    capped = memory_limit_gb * 2**30 - reserved if memory_limit_gb else math.inf
+    return min(free, capped) - state_bytes
+
+
+def activation_room(model, args, device):
+    """room_for_activations on this CUDA device now (math.inf on a CPU)."""
+    if device.type != "cuda":
+        return math.inf
+    free, reserved = torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+    return room_for_activations(free, reserved, args.memory_limit_gb, optimizer_state_bytes(model))
+
+
 def smallest_of_all_ranks(chosen, world_size, device):
     """The smallest of every rank's choice, so all ranks run the same micro-steps; the peak memory counts
     from here, after the probe."""
@@ -593,17 +651,16 @@ def choose_device_batch_size(model, args, world_size, device, fits=None, forward
         return candidates[0], "auto on CPU: no memory probe, the largest candidate"
     estimate = ""
     if fits is None:
-        free = (
-            torch.cuda.mem_get_info(device)[0] - optimizer_state_bytes(model)
-            if device.type == "cuda"
-            else math.inf
-        )
-        candidates = [size for size in candidates if activation_bytes(model, args, size, device) <= free] or [
-            1
-        ]
-        estimate = (
-            f"; estimated activations {activation_bytes(model, args, candidates[0], device) / 2**30:.1f} GiB"
-        )
+        free = activation_room(model, args, device)
+        # a 64K sequence that cannot fit goes to --micro_tokens unprobed: no compile of a graph never used
+        last_resort = [] if args.document_mask and args.micro_tokens is None else [1]
+        candidates = [
+            s for s in candidates if activation_bytes(model, args, s, device) <= free
+        ] or last_resort
+        if not candidates:
+            raise ConfigError(f"not even one sequence of {args.seq_len} tokens fits, by the estimate")
+        gib = activation_bytes(model, args, candidates[0], device) / 2**30
+        estimate = f"; estimated activations {gib:.1f} GiB"
         estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
         fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
     chosen = next((size for size in candidates if fits(size)), None)
@@ -644,6 +701,9 @@ def choose_micro_tokens(model, args, world_size, device, fits=None, forward_kwar
     """(tokens, note) for --micro_tokens=auto once not one whole sequence fits: the largest seq_len / 2^k (at
     least 1024) whose micro-step fits, the smallest choice of all ranks."""
     candidates = [args.seq_len >> k for k in range(1, 32) if args.seq_len >> k >= 1024]
+    if fits is None:  # the estimate's sizes only (the smallest at the least): one compile per graph
+        room, per_sequence = activation_room(model, args, device), activation_bytes(model, args, 1, device)
+        candidates = [t for t in candidates if per_sequence * t / args.seq_len <= room] or candidates[-1:]
     fits = fits or (lambda tokens: probe_fits(model, args, 1, device, tokens, forward_kwargs))
     chosen = next((tokens for tokens in candidates if fits(tokens)), None)
     if chosen is None:
@@ -999,6 +1059,8 @@ class Monitor:
                 f"train loss is {train_loss} at step {step}: lower the learning rates or check the data"
             )
         self._start_clock_after(step)
+        if args.compile and step == run.start_step + args.untimed_steps + 1:  # the first timed step is done
+            self.log(compile_line())
         if args.progress_seconds and time.monotonic() - self.progress_at >= args.progress_seconds:
             rate = (step - self.progress_step) / (time.monotonic() - self.progress_at)
             self.log(self._progress_line(step, train_loss, rate), record=False)
@@ -1054,7 +1116,12 @@ class Monitor:
         stopped = self.stopped
         if stopped and error is None:
             stopped += f"; continue with: {continue_command(run, self.step)}"
-        for line in ([f"stopped: {stopped}"] if stopped else []) + [self._summary_line(finished=not stopped)]:
+        lines = [f"stopped: {stopped}"] if stopped else []
+        if (
+            self.args.compile and run.clock.first_started is None
+        ):  # no step was timed: after_step never wrote it
+            lines.insert(0, compile_line())
+        for line in lines + [self._summary_line(finished=not stopped)]:
             self.log(line)  # on the console too, where it survives a full disk
         self.log.close()
         stop.phase = "shutdown"
@@ -1082,13 +1149,23 @@ class Monitor:
             fields.append(f"last_val_loss:{self.val_loss:.4f} last_val_step:{self.val_step}")
         fields.append(f"train_time:{clock.train_ms:.0f}ms")
         if clock.timed_steps:
-            fields.append(f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms")
+            tokens_per_s = (
+                self.args.batch_size * self.args.seq_len * clock.timed_steps / (clock.train_ms / 1000)
+            )
+            fields.append(
+                f"step_avg:{clock.train_ms / clock.timed_steps:.2f}ms tokens_per_s:{tokens_per_s:.0f}"
+            )
         startup = (
             clock.first_started or time.monotonic()
         ) - self.stop.started  # flags to the first timed step
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if self.args.compile else 0
         fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
-        fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB world_size:{run.world_size}")
+        fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB")
+        if (
+            run.device.type == "cuda"
+        ):  # what a card must hold, the allocator's cache included: no CPU counterpart
+            fields.append(f"peak_reserved:{torch.cuda.max_memory_reserved(run.device) // 2**20}MiB")
+        fields.append(f"world_size:{run.world_size}")
         return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"
 
 

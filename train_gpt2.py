@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import harness
@@ -258,20 +258,14 @@ def apply_rotary(x, cos, sin):  # x: (batch, seq, heads, head_dim); rotates the 
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def flex_block_mask(docs, window):
-    """FlexAttention's block mask (CUDA, compiled) of the rule below; `window` is a tensor: no recompiles."""
-
-    def document_causal_window(b, h, q, k):
-        return (k <= q) & (q - k < window) & (docs[b, q] == docs[b, k])
-
-    batch, seq = docs.shape
-    return create_block_mask(document_causal_window, batch, None, seq, seq, device=docs.device)
+# Attention masks: query i sees key j iff j <= i, both lie in one document and i - j < window (19 Nov), in the
+# two forms the kernels take; `docs` holds each token's document id (ascending), `window` is a tensor
 
 
 def chunked_masks(docs, window, chunk):
-    """The same attention as SDPA masks (the CPU, or CUDA uncompiled): query i sees key j iff j <= i, both in
-    one document and i - j < window. Chunks of chunk >= window - 1 queries see only their own and the previous
-    chunk's keys, exactly, so a 64K sequence needs no 64K x 64K mask. [(query slice, key slice, mask)]."""
+    """SDPA masks (the CPU, or CUDA uncompiled). Chunks of chunk >= window - 1 queries see only their own and
+    the previous chunk's keys, exactly, so a 64K sequence needs no 64K x 64K mask. [(query slice, key slice,
+    mask)]."""
     seq, positions, masks = docs.size(1), torch.arange(docs.size(1), device=docs.device), []
     for start in range(0, seq, chunk):
         q, k = slice(start, min(start + chunk, seq)), slice(max(0, start - chunk), min(start + chunk, seq))
@@ -279,6 +273,37 @@ def chunked_masks(docs, window, chunk):
         mask = (j <= i) & (i - j < window) & (docs[:, q, None] == docs[:, None, k])
         masks.append((q, k, mask[:, None]))  # one mask for every head
     return masks
+
+
+def ordered_blocks(blocks):
+    """FlexAttention's (counts, indices) of a (batch, query block, key block) boolean: the set ones first."""
+    indices = torch.argsort(blocks.to(torch.uint8), dim=-1, descending=True, stable=True)
+    return blocks.sum(-1, dtype=torch.int32)[:, None], indices.to(torch.int32)[:, None]
+
+
+def flex_block_mask(docs, window, block=128):
+    """FlexAttention's BlockMask, built eagerly from (seq/block)^2 block-level facts, never a seq x seq mask;
+    outside the compiled graph, so inductor compiles no sort for it (minutes at 512 blocks on torch 2.11:
+    pytorch issue 182060). Ids ascend, so blocks i >= j hold a same-document pair iff key block j's last id is
+    query block i's first, and only that nearest pair can lie within the window: the block is then partial
+    (the rule runs per element) or, all one document and all within the window, full."""
+    batch, seq = docs.shape
+    pad = -seq % block  # padding: a document of its own, which no real query sees
+    docs = torch.cat([docs, (docs[:, -1:] + 1).expand(batch, pad)], 1)
+    first, last = docs[:, ::block], docs[:, block - 1 :: block]
+    i = torch.arange(first.size(1), device=docs.device)[:, None]
+    gap = i - i.T  # query block i - key block j
+    near = (gap == 0) | (
+        (gap > 0) & ((gap - 1) * block + 1 < window) & (last[:, None, :] == first[:, :, None])
+    )
+    full = (gap > 0) & ((gap + 1) * block - 1 < window) & (first[:, None, :] == last[:, :, None])
+
+    def document_causal_window(b, h, q, k):
+        return (k <= q) & (q - k < window) & (docs[b, q] == docs[b, k])
+
+    return BlockMask.from_kv_blocks(
+        *ordered_blocks(near & ~full), *ordered_blocks(full), block, document_causal_window, (seq, seq)
+    )
 
 
 class CausalSelfAttention(nn.Module):
@@ -349,6 +374,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.rope_base, self.head_dim = logit_softcap, rope_base, model_dim // num_heads
         self.document_mask, self.eot_token = parts.get("document_mask", False), parts.get("eot_token", 50256)
         self.window_tokens = parts.get("window_tokens", 0)  # the last step's window: a forward without one
+        self.flex_attention = False  # compile_model's choice on CUDA: FlexAttention, compiled
         self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio) for _ in range(num_layers))
         self.skip_weights = nn.Parameter(torch.empty(num_layers // 2)) if parts.get("unet_skips") else None
@@ -401,17 +427,21 @@ class GPT(nn.Module):
         docs = (idx == self.eot_token).cumsum(1) if self.document_mask else torch.zeros_like(idx)
         if window is None:
             window = torch.tensor(self.window_tokens or idx.size(1), device=idx.device)
-        if idx.is_cuda and torch.compiler.is_compiling():
+        if self.flex_attention:
             return flex_block_mask(docs, window)
-        # a chunk >= the largest window - 1 is exact for every step's window, and static: no graph break
+        # a chunk >= the largest window - 1 is exact for every step's window, and static: no recompile
         return chunked_masks(docs, window, max((self.window_tokens or idx.size(1)) - 1, ATTENTION_CHUNK))
 
     def forward(self, idx, targets=None, window=None, offset=None):
         """Mean loss over targets (-100: padding, left out), or logits; `window` and `offset` are tensors: the
-        step's attention window (default: the last step's) and the rotary position of idx's first token."""
+        step's attention window (default: the last step's) and the rotary position of idx's first token. The
+        mask is built here, each call, outside the graph: compile_model compiles only the trunk."""
+        return self.trunk(idx, targets, self.attention_mask(idx, window), offset)
+
+    def trunk(self, idx, targets, mask, offset):
         x = x0 = rms_norm(self.embed(idx))  # norm right after the embedding
         rotary = rotary_cos_sin(idx.size(1), self.head_dim, self.rope_base, x.dtype, idx.device, offset)
-        v1, mask, skips = None, self.attention_mask(idx, window), []
+        v1, skips = None, []
         half = len(self.blocks) // 2 if self.skip_weights is not None else 0
         for index, block in enumerate(self.blocks):
             if index >= len(self.blocks) - half:  # U-net (10 Nov): decoder block n-half+i gets block half-1-i
@@ -441,11 +471,18 @@ def cast_model(model, dtype):
     return model
 
 
-INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}  # the 8 Nov record's: tunes each kernel's launch
+def inductor_options(args):  # the 8 Nov record tuned launches; later public records banned it (slow compiles)
+    return {"coordinate_descent_tuning": args.coordinate_descent}
 
 
-def compile_model(model):
-    return torch.compile(model, dynamic=False, options=INDUCTOR_OPTIONS)  # static shapes: one graph per size
+def compile_model(model, args):
+    """The model, its trunk compiled (static shapes: one graph per size) and timed (harness.FirstCalls); on
+    CUDA its masks are FlexAttention's, which only compiled code runs fast (and has no CPU backward)."""
+    model.flex_attention = model.embed.weight.is_cuda
+    model.trunk = harness.FirstCalls(
+        torch.compile(model.trunk, dynamic=False, options=inductor_options(args))
+    )
+    return model
 
 
 def build_optimizers(model, args, rank, world_size, device):
@@ -472,9 +509,8 @@ def build_optimizers(model, args, rank, world_size, device):
         ns_dtype=compute_dtype(device),
     )
     if args.compile:  # 15 bf16 matmuls + element-wise work per matrix: fused, one graph per matrix shape
-        muon.orthogonalize = torch.compile(
-            newton_schulz_orthogonalize, dynamic=False, options=INDUCTOR_OPTIONS
-        )
+        compiled = torch.compile(newton_schulz_orthogonalize, dynamic=False, options=inductor_options(args))
+        muon.orthogonalize = harness.FirstCalls(compiled, "newton_schulz")
     return dict(adam=adam, muon=muon)
 
 
@@ -802,7 +838,7 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
         )
         notes += checkpoint.get("notes", [])  # harness.resolve_args: changed flags, broken checkpoints
-    compiled = compile_model(model) if args.compile else model
+    compiled = compile_model(model, args) if args.compile else model
     kwargs = forward_kwargs(start_step, args, device)  # the probe calls the model as the first step will
     note = harness.choose_micro_steps(compiled, args, world_size, device, kwargs)  # where auto: probed
     notes += [note] if note else []

@@ -1,1 +1,1 @@
-"""The GPU tools: gpu/check.sh (the prepared check), report.py, benchmark.py, trainer_memory.py."""
+"""The GPU tools: gpu/check.sh (the prepared check), trainer_run.py (one trainer stage of it), report.py."""

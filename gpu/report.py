@@ -4,15 +4,13 @@
     python gpu/report.py --preset tiny  # the same plumbing on a CPU with a tiny model (the dry run)
 
 The run is built by train_gpt2.build_run on synthetic shards and stepped by the trainer's own loop,
-train_gpt2.train(run, log, stop, latest), with the run's ddp, adam, muon, train_loader and clock fields
+train_gpt2.train(run, monitor), with the run's training_model, optimizers, train_loader and clock fields
 replaced by marked stand-ins that mark points of each step: CUDA events on a GPU (when the GPU gets
 there, so time it spends waiting for the host counts to the part it waits for), time.perf_counter on a
 CPU. The numbers are the trainer's own step, host sync included. Lines come most valuable first:
 
-0. Compile: the warm-up steps on the wall clock (device synced at each point), so each compiled graph's
-   first call shows its compile time: the model's training graph (forward+backward of the first
-   micro-step) and Newton-Schulz once per matrix shape, with the graphs each added
-   (torch._dynamo's unique_graphs counter).
+0. Compile: the warm-up steps on the wall clock, and the trainer's own `compile:` line (harness.FirstCalls:
+   each graph's first call; inductor's cache hits and misses).
 1. Headline, after --headline_steps steps: ms per forward+backward micro-step and its MFU, the step's ms
    and tokens/s.
 2. Breakdown (medians over --steps steps): data (next_batch, and the prefetch of the next batch),
@@ -20,12 +18,12 @@ CPU. The numbers are the trainer's own step, host sync included. Lines come most
    (zero_grad, the votes all-reduce, .tolist()) and other (the step time left over: lr setting,
    logging, the loop); then peak memory and the speed targets, each PASS or MISS. A timing never fails it.
 3. A/B, interleaved: the step time with every item on against the same with one item off, on and off in
-   ABBA order, --repeats samples of each side. Off means:
-     coordinate-descent tuning   the model compiled with INDUCTOR_OPTIONS less that key (a second compile)
+   ABBA order, --repeats samples of each side (coordinate-descent tuning needs a cold compile: gpu/check.sh's
+   GPU_CHECK_AB=1 runs the trainer with and without it). Off means:
      compiled Newton-Schulz      muon.orthogonalize set back to the eager newton_schulz_orthogonalize
      prefetch                    the loader's prefetch() never called: next_batch() loads after the sync
      per-shard vocab check       the old per-batch check added back (max of the batch's window, on the host)
-   With compile off (the CPU) the first two compare the eager code with itself: they are marked stand-in.
+   With compile off (the CPU) the first compares the eager code with itself: it is marked stand-in.
 
 Items that would not finish within --timeout are skipped, and say so. A SIGTERM (gpu/check.sh's deadline)
 prints what was measured up to then (the steps done, as headline and breakdown) and exits 143.
@@ -51,7 +49,7 @@ sys.path.insert(0, ROOT)
 
 import harness  # noqa: E402
 import train_gpt2  # noqa: E402
-from gpu import benchmark  # noqa: E402
+from gpu import trainer_run  # noqa: E402
 
 # Steps run in stretches (train() is called again for each); these keep the schedule flat and every pause off.
 HARNESS_FLAGS = [
@@ -62,6 +60,15 @@ HARNESS_FLAGS = [
     "--save_every=0",
     "--save_every_minutes=0",
 ]
+TINY_FLAGS = ["--num_layers=2", "--model_dim=64", "--num_heads=2", "--vocab_size=256", "--seq_len=32"]
+TINY_FLAGS += [
+    "--batch_size=8",
+    "--device_batch_size=4",
+    "--val_tokens=512",
+    "--device=cpu",
+    "--compile=false",
+]
+TINY_FLAGS += ["--progress_seconds=0", "--eot_token=255"]  # a document token inside the tiny vocabulary
 PRESETS = {
     "full": dict(
         flags=["--batch_size=512", "--device_batch_size=64", "--val_tokens=524288", "--device=cuda"],
@@ -69,7 +76,7 @@ PRESETS = {
         steps=10,
         repeats=4,
     ),
-    "tiny": dict(flags=benchmark.PRESETS["tiny"]["flags"], warmup=2, steps=6, repeats=3),
+    "tiny": dict(flags=TINY_FLAGS, warmup=2, steps=6, repeats=3),
 }
 PARTS = ("data", "forward+backward", "Adam", "Muon", "host sync", "other")
 TARGETS = [  # the speed targets for one H100 80GB: (what, result key, at most, unit)
@@ -84,17 +91,15 @@ TARGETS = [  # the speed targets for one H100 80GB: (what, result key, at most, 
 class Variant:
     """Which of the speed items are on; the trainer runs with all of them."""
 
-    coordinate_descent: bool = True
     compiled_ns: bool = True
     prefetch: bool = True
     per_shard_vocab_check: bool = True
 
 
-AB_ITEMS = [  # cheapest first: the last needs a second compile of the model
+AB_ITEMS = [
     ("per_shard_vocab_check", "per-shard vocab check"),
     ("prefetch", "prefetch"),
     ("compiled_ns", "compiled Newton-Schulz"),
-    ("coordinate_descent", "coordinate-descent tuning"),
 ]
 
 
@@ -200,11 +205,11 @@ class MarkedModel(StandIn):
         super().__init__(model, timeline)
         self.accum_steps, self.calls = accum_steps, 0
 
-    def __call__(self, x, y):
+    def __call__(self, x, y, **kwargs):
         first = self.calls % self.accum_steps == 0
         self.timeline.mark("other" if first else "forward+backward")  # the micro-step before is queued
         self.calls += 1
-        return self.target(x, y)
+        return self.target(x, y, **kwargs)
 
 
 class MarkedOptimizer(StandIn):
@@ -216,25 +221,6 @@ class MarkedOptimizer(StandIn):
         self.timeline.mark("other")  # lr and momentum setting
         self.target.step()
         self.timeline.mark(self.name)
-
-
-class FirstCalls:
-    """A compiled function that times its first call per input shape (host clock, device synced): the
-    compile of that shape's graph, and the graphs it added."""
-
-    def __init__(self, fn, device):
-        self.fn, self.device, self.first = fn, device, {}  # {shape: (seconds, new graphs)}
-
-    def __call__(self, grad, *rest):
-        key = tuple(grad.shape)
-        if key in self.first:
-            return self.fn(grad, *rest)
-        graphs, started = unique_graphs(), time.perf_counter()
-        out = self.fn(grad, *rest)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.first[key] = (time.perf_counter() - started, unique_graphs() - graphs)
-        return out
 
 
 class SyncClock(harness.Clock):
@@ -295,35 +281,19 @@ class Harness:
         self.args, self.device = args, device
         self.trainer_run, self.notes = train_gpt2.build_run(args, 0, 1, device, None)
         run = self.trainer_run
-        self.model, self.compiled, self.adam, self.muon = run.model, run.ddp, run.adam, run.muon
+        self.model, self.compiled = run.model, run.training_model
+        self.adam, self.muon = run.optimizers["adam"], run.optimizers["muon"]
         self.loader, self.step, self.accum_steps = run.train_loader, run.start_step, run.accum_steps
         self.compiled_ns = self.muon.orthogonalize  # what build_optimizers chose: compiled with --compile
-        if self.compiled_ns is not train_gpt2.newton_schulz_orthogonalize:
-            self.compiled_ns = FirstCalls(self.compiled_ns, device)  # its compile time per matrix shape
         self.measured = []  # every step of the breakdown's stretches, for a report cut short
-        self.cd_off_model = None if args.compile else self.model
         self.vocab_check = PerBatchVocabCheck(
             self.loader.files[0], args.batch_size * args.seq_len + 1, args.vocab_size
         )
-        self.log, self.compile_s = HarnessLog(log_path), 0.0
+        self.log = HarnessLog(log_path)
 
     def stand_in(self, field):
         """Whether the item's two sides are the same code here (compile is off on a CPU)."""
-        return {
-            "coordinate_descent": not self.args.compile,
-            "compiled_ns": getattr(self.compiled_ns, "fn", self.compiled_ns)
-            is train_gpt2.newton_schulz_orthogonalize,
-        }.get(field, False)
-
-    def model_for(self, variant):
-        if variant.coordinate_descent:
-            return self.compiled
-        if self.cd_off_model is None:
-            options = {
-                k: v for k, v in train_gpt2.INDUCTOR_OPTIONS.items() if k != "coordinate_descent_tuning"
-            }
-            self.cd_off_model = torch.compile(self.model, dynamic=False, options=options)
-        return self.cd_off_model
+        return field == "compiled_ns" and self.compiled_ns is train_gpt2.newton_schulz_orthogonalize
 
     def run(self, steps, variant=Variant(), wall=False):
         """`steps` optimizer steps of train_gpt2.train with `variant`; returns each step's parts in ms. On a
@@ -332,17 +302,22 @@ class Harness:
         self.muon.orthogonalize = (
             self.compiled_ns if variant.compiled_ns else train_gpt2.newton_schulz_orthogonalize
         )
-        marked = dataclasses.replace(
-            self.trainer_run,
-            ddp=MarkedModel(self.model_for(variant), timeline, self.accum_steps),
+        optimizers = dict(
             adam=MarkedOptimizer(self.adam, timeline, "Adam"),
             muon=MarkedOptimizer(self.muon, timeline, "Muon"),
+        )
+        marked = dataclasses.replace(
+            self.trainer_run,
+            training_model=MarkedModel(self.compiled, timeline, self.accum_steps),
+            optimizers=optimizers,
             train_loader=MarkedLoader(self.loader, timeline, steps, variant, self.vocab_check),
             start_step=self.step,
             clock=SyncClock(self.device, timeline),
         )
+        monitor = harness.Monitor(marked, harness.StopRequest(), train_gpt2, [])
+        monitor.log = self.log  # the trainer's bookkeeping, on a log of its own rather than a record
         try:
-            train_gpt2.train(marked, self.log, harness.StopRequest(), harness.Latest(step=self.step))
+            train_gpt2.train(marked, monitor)
         except StretchDone:
             pass
         except Terminated as e:
@@ -373,7 +348,7 @@ def breakdown(steps, args, peak_tflops):
     step_ms = median(s["step"] for s in steps)
     parts["other"] = step_ms - sum(parts.values())  # so the parts add up to the step
     micro = [ms for s in steps for ms in s["micro_steps"]]
-    flops_per_token = benchmark.model_flops_per_token(args)[0]
+    flops_per_token = trainer_run.model_flops_per_token(args)
     micro_tokens = args.device_batch_size * args.seq_len
     micro_step_ms = median(micro)
     return dict(
@@ -473,19 +448,10 @@ def ab_text(row):
 def run_ab(h, field, label, repeats, step_s, deadline):
     """One A/B row: on and off in ABBA order, `repeats` single-step samples of each side."""
     settle = 1 if field == "prefetch" else 0  # the first step after a switch still eats (or lacks) a prefetch
-    compile_s = h.compile_s if field == "coordinate_descent" and h.cd_off_model is None else 0.0
-    need = compile_s + 2 * repeats * (settle + 1) * step_s
+    need = 2 * repeats * (settle + 1) * step_s
     left = deadline - time.monotonic()
     if need * 1.2 > left:
         return dict(item=label, skipped=f"needs about {need:.0f} s, {left:.0f} s left of --timeout")
-    if compile_s:
-        started, graphs = time.monotonic(), unique_graphs()
-        h.run(2, Variant(coordinate_descent=False))
-        print(
-            f"gpu_report: compile without coordinate-descent tuning ({unique_graphs() - graphs} new graphs), "
-            f"2 steps: {time.monotonic() - started:.1f} s",
-            flush=True,
-        )
     samples = {True: [], False: []}
     h.vocab_check.host_ms.clear()
     for repeat in range(repeats):
@@ -497,37 +463,8 @@ def run_ab(h, field, label, repeats, step_s, deadline):
     return row
 
 
-def compile_lines(h, warmup_steps, warmup_s):
-    """(lines, numbers) of the warm-up: each compiled graph's first call on the host clock."""
-    first = warmup_steps[0] if warmup_steps else dict(micro_steps=[], graphs={})
-    micro = first["micro_steps"]
-    ns = sorted(getattr(h.compiled_ns, "first", {}).items())
-    numbers = dict(
-        warmup_s=warmup_s,
-        graphs=unique_graphs(),
-        first_step_s=first.get("step", float("nan")) / 1000,
-        first_micro_step_s=micro[0] / 1000 if micro else float("nan"),
-        model_graphs=first["graphs"].get("forward+backward", 0) + first["graphs"].get("other", 0),
-        newton_schulz=[dict(shape=list(shape), s=sec, graphs=n) for shape, (sec, n) in ns],
-    )
-    compiled = "compiled" if h.args.compile else "eager (compile off: 0 graphs, no compile time)"
-    lines = [
-        f"gpu_report: compile: warm-up of {len(warmup_steps)} steps {warmup_s:.1f} s; "
-        f"{numbers['graphs']} graphs in all (torch._dynamo unique_graphs); the model is {compiled}",
-        f"  first step {numbers['first_step_s']:.2f} s; its first forward+backward (the training graph's "
-        f"compile, {numbers['model_graphs']} graph(s)) {numbers['first_micro_step_s']:.2f} s, later "
-        "micro-steps "
-        f"{median(m / 1000 for m in micro[1:]):.3f} s",
-    ]
-    lines += [
-        f"  Newton-Schulz {shape[0]}x{shape[1]}: first call {sec:.2f} s ({n} graph(s))"
-        for shape, (sec, n) in ns
-    ]
-    return lines, numbers
-
-
 def headline_text(result):
-    """The most valuable numbers first; gpu/benchmark.py --beside reads the step ms and tokens/s."""
+    """The most valuable numbers first."""
     return (
         f"gpu_report: headline: forward+backward {result['micro_step_ms']:.2f} ms per micro-step of "
         f"{result['micro_batch']}x{result['seq_len']} (median of {result['micro_step_count']}), MFU "
@@ -541,10 +478,14 @@ def report(h, opts, deadline, result):
     device_name = harness.device_name(h.device)
     started = time.monotonic()
     result["phase"] = "warm-up (compile)"
-    warmup_steps = h.run(opts.warmup, wall=True)
-    h.compile_s = time.monotonic() - started
-    lines, result["compile"] = compile_lines(h, warmup_steps, h.compile_s)
-    print("\n".join(lines), flush=True)
+    h.run(opts.warmup, wall=True)
+    result["compile"] = dict(
+        warmup_s=time.monotonic() - started, graphs=unique_graphs(), line=harness.compile_line()
+    )
+    warmup_s = result["compile"]["warmup_s"]
+    print(
+        f"gpu_report: warm-up of {opts.warmup} steps {warmup_s:.1f} s; {harness.compile_line()}", flush=True
+    )
     result["phase"] = "headline"
     h.measured += h.run(min(opts.headline_steps, opts.steps))
     result.update(breakdown(h.measured, h.args, opts.peak_tflops))
@@ -652,12 +593,12 @@ def main(argv=None):
             _, _, device = train_gpt2.setup_distributed(args.device)
         except harness.ConfigError as e:
             raise SystemExit(f"gpu_report: {e}") from None
-        args.input_bin, args.input_val_bin = benchmark.write_shards(os.path.join(workdir, "data"), args, 64)
+        args.input_bin, args.input_val_bin = trainer_run.write_shards(workdir, args, 8)
         args.compile = device.type == "cuda" if args.compile is None else args.compile  # as train_gpt2.run
         print(
             f"gpu_report: preset {opts.preset}: {args.num_layers} layers x {args.model_dim}, "
             f"{args.grad_accum_steps(1)} micro-steps of {args.device_batch_size} x {args.seq_len} tokens per "
-            f"step; compile {'on, options ' + str(train_gpt2.INDUCTOR_OPTIONS) if args.compile else 'off'}; "
+            f"step; compile {f'on, options {train_gpt2.inductor_options(args)}' if args.compile else 'off'}; "
             f"PyTorch {torch.__version__}, python {sys.executable}",
             flush=True,
         )

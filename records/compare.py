@@ -607,6 +607,8 @@ def side_report(path, runs, target, pool):
                 "estimated_ms": r.estimated_ms,
                 "startup_s": num(r.summary.get("startup_s", "nan")),
                 "compiled_graphs": r.summary.get("compiled_graphs"),
+                "tokens_per_s": num(r.summary.get("tokens_per_s", "nan")),
+                "peak_reserved_mib": num(r.summary.get("peak_reserved", "nan").removesuffix("MiB")),
             }
             for r in runs
         ],
@@ -795,9 +797,13 @@ def run_rows(sides, tgt):
     """One row per run; `*` marks a train time holding estimated untimed steps of resumed parts."""
     several = any(len(s["configurations"]) > 1 for s in sides)
     startup = any(finite(r["startup_s"]) for s in sides for r in s["runs"])
+    speed = any(finite(r.get("tokens_per_s")) for s in sides for r in s["runs"])  # records before it: none
+    reserved = any(finite(r.get("peak_reserved_mib")) for s in sides for r in s["runs"])  # CUDA runs only
     rows = [
         ["side", "run", "steps", "val_loss", "train_time", "ms/step", f"step@{tgt}", f"time@{tgt}"]
+        + ["tokens/s"] * speed
         + ["startup"] * startup
+        + ["peak reserved"] * reserved
         + ["configuration"] * several
     ]
     for side in sides:
@@ -818,7 +824,9 @@ def run_rows(sides, tgt):
                     fmt(r["target_step"], ".1f"),
                     fmt(r["target_time_ms"], ".1f", 1e-3, "s"),
                 ]
+                + [fmt(r.get("tokens_per_s"), ",.0f")] * speed
                 + [fmt(r["startup_s"], ".1f", 1, "s") + graphs] * startup
+                + [fmt(r.get("peak_reserved_mib"), ",.0f", 1, " MiB")] * reserved
                 + [f"{r['configuration']}{'' if r['used'] else ' (left out)'}"] * several
             )
     return rows

@@ -895,3 +895,19 @@ def test_follow_stops_on_ctrl_c(tmp_path):
     out, err = p.communicate(timeout=30)
     assert first and p.returncode == 130 and b"Traceback" not in err and err.strip().count(b"\n") == 0
     assert_one_line_error(cli(log, "--follow", "0"), "--follow")
+
+
+def test_the_runs_table_shows_tokens_per_s_and_peak_reserved_where_a_summary_has_them(tmp_path, capsys):
+    summary = "summary: final_val_loss:3.2700 train_time:13500ms step_avg:150.00ms tokens_per_s:475917 "
+    summary += "startup_s:69.5 compiled_graphs:5 peak_memory:31742MiB peak_reserved:33000MiB world_size:1"
+    a = our_record(tmp_path / "a.txt", tail=[summary + " device:NVIDIA H200"])
+    b = our_record(tmp_path / "b.txt")  # a record from before the fields: shown as -
+    rep, _ = run_json(capsys, str(a), str(b))
+    run = rep["sides"][0]["runs"][0]
+    assert (run["tokens_per_s"], run["peak_reserved_mib"], run["startup_s"]) == (475917, 33000, 69.5)
+    assert rep["sides"][1]["runs"][0]["tokens_per_s"] is None  # JSON null: not in its summary
+    compare.main([str(a), str(b)])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "tokens/s" in line)
+    assert re.search(r"time@3\.28 +tokens/s +startup +peak reserved", header), header
+    assert re.search(r"475,917 +69\.5s \(5 graphs\) +33,000 MiB", out), out

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU; the CPU siblings are tests/test_model.py::test_bf16_casts_keep_fp32_master_"
     "weights_for_linears, tests/test_muon.py, tests/test_training.py::test_fifty_steps_learn_and_write_a_"
     "complete_record, tests/test_resume.py::test_auto_micro_batch_takes_the_largest_that_fits, "
-    "tests/test_gpu_benchmark.py and tests/test_compiled.py",
+    "tests/test_gpu_report.py (the check's dry run) and tests/test_compiled.py",
 )
 
 CUDA = torch.device("cuda")
@@ -103,8 +103,9 @@ def test_compiled_cuda_run_learns_and_names_the_gpu(shards):
     assert "--compile=true\n" in record and "--device=cuda\n" in record
     summary = record.splitlines()[-1]
     assert re.fullmatch(
-        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms "
-        r"peak_memory:\d+MiB world_size:1 device:.+",
+        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms tokens_per_s:\d+ "
+        r"startup_s:\d+\.\d compiled_graphs:\d+ peak_memory:\d+MiB peak_reserved:\d+MiB world_size:1 "
+        r"device:.+",
         summary,
     )
     assert summary.endswith(f"device:{torch.cuda.get_device_name(0)}")

@@ -387,9 +387,41 @@ def test_micro_tokens_auto_takes_the_largest_that_fits_and_needs_the_document_ma
         train_gpt2.main(TINY_FLAGS + shards + ["--micro_tokens=16"])
 
 
-def test_compiled_flex_attention_takes_every_window_without_recompiling():
-    """The CUDA path's form, on the CPU: the block mask built in the compiled graph, the window a tensor."""
-    graphs = []
+def blocks_of(counts, indices, n):
+    """The (batch, query block, key block) boolean of FlexAttention's (counts, indices)."""
+    dense = torch.zeros(counts.size(0), n, n, dtype=torch.bool)
+    for b, i in np.ndindex(counts.size(0), n):
+        dense[b, i, indices[b, 0, i, : counts[b, 0, i]].long()] = True
+    return dense
+
+
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_the_block_mask_equals_the_dense_document_causal_window_mask(block):
+    """Element (q, k) of the block mask: its block full, or partial and the rule true; no block is both."""
+    seq, positions = 200, torch.arange(200)  # not a multiple of the block: the last block is padded
+    docs = random_docs(2, seq, 5)
+    docs[1] = 0  # one document: full blocks wherever the window holds a whole block pair
+    n = -(-seq // block)
+    for window in (1, 7, 33, 64, 130, 300):
+        mask = flex_block_mask(docs, torch.tensor(window), block)
+        assert mask.kv_indices.shape == (2, 1, n, n)  # block level: (seq/block)^2 entries per sequence
+        partial = blocks_of(mask.kv_num_blocks, mask.kv_indices, n)
+        full = blocks_of(mask.full_kv_num_blocks, mask.full_kv_indices, n)
+        assert not (partial & full).any()
+        q, k = positions[:, None], positions[None, :]
+        dense = (k <= q) & (q - k < window) & (docs[:, :, None] == docs[:, None, :])
+        expand = lambda blocks: blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq]  # noqa: E731
+        rule = torch.stack([mask.mask_mod(b, 0, q, k) for b in range(2)])
+        assert torch.equal(expand(full) | (expand(partial) & rule), dense), window
+        if seq >= 3 * block:  # unpadded query blocks past the first: full where the window allows it
+            assert full[1].any() == (window >= 2 * block), window
+
+
+def test_a_compiled_forward_builds_the_block_mask_outside_its_graph_and_never_recompiles(monkeypatch):
+    """FlexAttention forced on the CPU, forward only (it has no CPU backward): micro-steps with other
+    documents and other windows reuse one graph, which holds no sort (the mask's, pytorch issue 182060) and
+    no document ids; each output equals the eager CPU path (SDPA with chunked masks)."""
+    graphs, compile = [], torch.compile
 
     def counting_backend(graph, example_inputs):
         graphs.append(graph)
@@ -397,20 +429,24 @@ def test_compiled_flex_attention_takes_every_window_without_recompiling():
 
         return compile_fx(graph, example_inputs)
 
-    @torch.compile(dynamic=False, backend=counting_backend)
-    def attend(q, k, v, docs, window):
-        return flex_attention(q, k, v, block_mask=flex_block_mask(docs, window))
-
+    monkeypatch.setattr(
+        torch, "compile", lambda fn, **options: compile(fn, dynamic=False, backend=counting_backend)
+    )
+    args = parse_args(TINY_FLAGS + RECIPE_FLAGS["2024-11-24"] + ["--num_layers=1", "--seq_len=256"])
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
-    docs = random_docs(1, 128, 7)
-    with warnings.catch_warnings():
+    model = GPT.from_args(args)
+    compiled = train_gpt2.compile_model(GPT.from_args(args), args)
+    compiled.load_state_dict(model.state_dict())
+    compiled.flex_attention = True
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for window in (16, 32, 48, 128):
-            masks = chunked_masks(docs, torch.tensor(window), 128)
-            cpu = sdpa_in_chunks(q, k, v, masks)
-            assert (attend(q, k, v, docs, torch.tensor(window)) - cpu).abs().max() < 1e-5
+        for seed, step in [(1, 0), (2, 0), (3, 900), (4, 1750)]:
+            idx = torch.from_numpy(document_tokens(256, seed))[None]
+            window = train_gpt2.forward_kwargs(step, args, idx.device)["window"]
+            assert (compiled(idx, window=window) - model(idx, window=window)).abs().max() < 1e-4, seed
     assert len(graphs) == 1
+    code = graphs[0].code
+    assert "flex_attention" in code and "sort" not in code and "cumsum" not in code
 
 
 def test_the_eot_token_must_lie_inside_the_vocabulary_under_the_document_mask():

@@ -177,6 +177,37 @@ def test_auto_micro_batch_takes_the_largest_that_fits():
         choose_device_batch_size(model, args, 1, torch.device("cpu"), fits=lambda size: False)
 
 
+def test_under_a_memory_limit_the_probe_estimates_from_the_cap(monkeypatch):
+    """mem_get_info ignores the allocator's cap: under --memory_limit_gb=23 on a 141 GiB card, 139 GiB free,
+    the estimate is the cap less what the allocator holds, so the probe starts at 32, not 64 (29.8 GiB)."""
+    gib = 2**30
+    assert harness.room_for_activations(139 * gib, 1 * gib, 0.0, 2 * gib) == 137 * gib  # no cap: free memory
+    assert harness.room_for_activations(139 * gib, 1 * gib, 23.0, 2 * gib) == 20 * gib  # the cap, less both
+    assert harness.room_for_activations(10 * gib, 1 * gib, 23.0, 2 * gib) == 8 * gib  # less free than the cap
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (139 * gib, 141 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 1 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+    tried = []
+    monkeypatch.setattr(
+        harness, "probe_fits", lambda model, args, size, *rest, **kw: tried.append(size) or True
+    )
+    with torch.device("meta"):
+        model = GPT(256, 1, 64, 2, 4, 10000.0, 30.0)
+    for limit, first in (("23", 32), ("0", 64)):
+        args = parse_args(["--batch_size=512", f"--memory_limit_gb={limit}", "--val_tokens=524288"])
+        size, note = choose_device_batch_size(model, args, 1, cuda)
+        assert (size, tried.pop()) == (first, first), note
+        assert f"of {22.0 if limit == '23' else 139.0:.1f} GiB free" in note  # the model's states: < 0.1 GiB
+    # 24 Nov under the cap: one 64K sequence (29.8 GiB) is not probed, micro-steps of 32K (14.9 GiB) are
+    args = parse_args(["--recipe=2024-11-24", "--memory_limit_gb=23"])
+    monkeypatch.setattr(harness, "probe_fits", lambda model, args, *rest: tried.append(rest) or True)
+    assert harness.choose_micro_steps(model, args, 1, cuda).endswith(
+        "micro-steps of 32768 do: --micro_tokens=32768)"
+    )
+    assert tried == [(1, cuda, 32768, None)] and args.device_batch_size == 1
+
+
 def test_a_probe_whose_first_allocation_fails_does_not_fit(monkeypatch):
     """Running out of memory already in the probe's reserve for the optimizer states is "does not fit"."""
     args = parse_args(["--batch_size=8", "--seq_len=16", "--val_tokens=128"])

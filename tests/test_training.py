@@ -48,10 +48,13 @@ def test_fifty_steps_learn_and_write_a_complete_record(shards, capsys):
     assert all(STEP_LINE.match(line) for line in lines[:-1])
     assert re.fullmatch(r"step:50/50 val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms", lines[-2])
     assert re.fullmatch(
-        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms startup_s:\d+\.\d "
-        r"compiled_graphs:0 peak_memory:\d+MiB world_size:1 device:CPU .*",
+        r"summary: final_val_loss:\d\.\d{4} train_time:\d+ms step_avg:\d+\.\d{2}ms tokens_per_s:\d+ "
+        r"startup_s:\d+\.\d compiled_graphs:0 peak_memory:\d+MiB world_size:1 device:CPU .*",
         lines[-1],
     )
+    fields = dict(field.split(":", 1) for field in lines[-1].split(" device:")[0].split()[1:])
+    tokens_per_s = 8 * 32 * 48 / (int(fields["train_time"][:-2]) / 1000)  # 48 timed steps of 8 x 32 tokens
+    assert int(fields["tokens_per_s"]) == pytest.approx(tokens_per_s, rel=2e-3)  # train_time: whole ms
     assert f"final_val_loss:{val[-1]:.4f}" in lines[-1]
 
 
