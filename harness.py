@@ -634,7 +634,8 @@ def activation_room(model, args, device):
 def smallest_of_all_ranks(chosen, world_size, device):
     """The smallest of every rank's choice, so all ranks run the same micro-steps; the peak memory counts
     from here, after the probe."""
-    chosen = int(all_reduce(torch.tensor(chosen, device=device), world_size, dist.ReduceOp.MIN))
+    if world_size > 1:
+        chosen = int(all_reduce(torch.tensor(chosen, device=device), world_size, dist.ReduceOp.MIN))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return chosen
