@@ -201,7 +201,12 @@ def main(argv=None):
 
     steps = opts.untimed + opts.timed
     stage = [f"--num_iterations={steps}", f"--untimed_steps={opts.untimed}", "--warmdown_iters=0"]
-    stage += ["--save_every_minutes=0", "--progress_seconds=5", f"--run_name=check_{opts.name}"]
+    stage += [
+        "--save_every_minutes=0",
+        "--save_final=false",
+        "--progress_seconds=5",
+        f"--run_name=check_{opts.name}",
+    ]
     try:
         args = harness.parse_args(train_gpt2.Hyperparameters, stage + trainer_flags)
     except harness.ConfigError as e:
