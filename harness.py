@@ -1118,9 +1118,7 @@ class Monitor:
         if stopped and error is None:
             stopped += f"; continue with: {continue_command(run, self.step)}"
         lines = [f"stopped: {stopped}"] if stopped else []
-        if (
-            self.args.compile and run.clock.first_started is None
-        ):  # no step was timed: after_step never wrote it
+        if self.args.compile and run.clock.first_started is None:  # no step was timed: no compile line yet
             lines.insert(0, compile_line())
         for line in lines + [self._summary_line(finished=not stopped)]:
             self.log(line)  # on the console too, where it survives a full disk
@@ -1162,9 +1160,8 @@ class Monitor:
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] if self.args.compile else 0
         fields.append(f"startup_s:{startup:.1f} compiled_graphs:{graphs}")
         fields.append(f"peak_memory:{peak_memory_mib(run.device)}MiB")
-        if (
-            run.device.type == "cuda"
-        ):  # what a card must hold, the allocator's cache included: no CPU counterpart
+        # what a card must hold, the allocator's cache included (no CPU counterpart)
+        if run.device.type == "cuda":
             fields.append(f"peak_reserved:{torch.cuda.max_memory_reserved(run.device) // 2**20}MiB")
         fields.append(f"world_size:{run.world_size}")
         return "summary: " + " ".join(fields) + f" device:{device_name(run.device)}"

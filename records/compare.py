@@ -128,11 +128,11 @@ class Run:
     @property
     def setup(self):
         """Machine and software, the things that make timings comparable."""
-        cuda = self.env.get("cuda", "none")
+        cuda = self.env.get("cuda", "none")  # a CPU build says None
         return ", ".join(
             [self.machine or "machine unknown", f"PyTorch {self.env.get('pytorch', 'unknown')}"]
             + ([f"CUDA {cuda}"] if cuda.lower() != "none" else [])
-        )  # a CPU build says None
+        )
 
     def note(self, key):
         """The text of the note 'key: text', or None."""
@@ -303,9 +303,8 @@ def read_log(path):
 def part_ms_per_step(part, start):
     """ms/step of a resumed part's own timed steps (NaN if it timed none); start: the step it resumed at."""
     timed = part.times[-1][0] - start - part.untimed
-    restored = [
-        t for s, t, _ in part.times if s <= start + part.untimed
-    ]  # untimed lines keep the restored clock
+    # untimed lines keep the restored clock
+    restored = [t for s, t, _ in part.times if s <= start + part.untimed]
     if timed <= 0 or not restored:
         return NAN
     return (part.times[-1][1] - restored[0]) / timed
@@ -402,9 +401,8 @@ def find_parent(run, runs):
     for other in runs:
         if other is not run and os.path.basename(other.path) == os.path.basename(parent):
             return other
-    root = os.path.dirname(
-        os.path.dirname(os.path.abspath(run.path))
-    )  # another day's folder, same records root
+    # another day's folder, same records root
+    root = os.path.dirname(os.path.dirname(os.path.abspath(run.path)))
     for candidate in (parent, os.path.join(root, *parent.replace("\\", "/").split("/")[-2:])):
         if os.path.isfile(candidate) and os.path.realpath(candidate) != os.path.realpath(run.path):
             try:
@@ -643,9 +641,8 @@ def compare_sides(ra, used_a, rb, used_b):
     """B against A: code and flag diff, machines, time ratios, Welch's t-test on final val loss."""
     from scipy import stats
 
-    a0, b0 = (
-        next((r for r in used if r.complete), used[0]) for used in (used_a, used_b)
-    )  # first finished run
+    # the first finished run of each side
+    a0, b0 = (next((r for r in used if r.complete), used[0]) for used in (used_a, used_b))
     diffs = file_diffs(a0.files, b0.files)
     diff = "\n".join(line for lines in diffs.values() for line in lines)
     ha, hb = a0.hparams, b0.hparams
@@ -1057,9 +1054,7 @@ def plot(sides, target, out_path):
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[0]:
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(
-            ticker.MaxNLocator(nbins=10)
-        )  # the view spans < 1.5x: plain ticks read best
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=10))  # the view spans < 1.5x: plain ticks
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"loss vs {ax.get_xlabel()} (val: mean, band min-max)")
