@@ -821,10 +821,7 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
     notes = harness.check_data(args, train_loader, val_loader)
     first = read_tokens(train_loader.files[0], 0, min(2**20, shard_size(train_loader.files[0])))
     if args.document_mask and not (first == args.eot_token).any():  # one document: plain causal attention
-        notes.append(
-            f"document_mask: no --eot_token={args.eot_token} in the first {first.size} train tokens: "
-            "attention is plain causal there"
-        )
+        notes.append(f"document_mask: no --eot_token={args.eot_token} in the first {first.size} train tokens")
     torch.manual_seed(args.seed)
     with harness.model_fits(device):
         model = cast_model(GPT.from_args(args).to(device), compute_dtype(device))
@@ -838,14 +835,15 @@ def build_run(args, rank, world_size, device, checkpoint, started=None, run_id="
             f"resumed_from: {args.resume} at step {start_step} (parent record {checkpoint['record']})"
         )
         notes += checkpoint.get("notes", [])  # harness.resolve_args: changed flags, broken checkpoints
-    compiled = compile_model(model, args) if args.compile else model
+    if args.compile:
+        compile_model(model, args)
     kwargs = forward_kwargs(start_step, args, device)  # the probe calls the model as the first step will
-    note = harness.choose_micro_steps(compiled, args, world_size, device, kwargs)  # where auto: probed
+    note = harness.choose_micro_steps(model, args, world_size, device, kwargs)  # where auto: probed
     notes += [note] if note else []
-    training_model = compiled
+    training_model = model
     if world_size > 1:  # bucket views: no second copy of the gradients
         device_ids = [device.index] if device.type == "cuda" else None
-        training_model = DDP(compiled, device_ids=device_ids, gradient_as_bucket_view=True)
+        training_model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
     parts = (model, training_model, optimizers, train_loader, val_loader, args.grad_accum_steps(world_size))
     return harness.Run(args, rank, world_size, device, *parts, start_step, clock, started, run_id), notes
 
