@@ -504,6 +504,8 @@ def start_up(args, rank, world_size, device, stop):
     default, the run's id and its output folders (proven writable). Returns (start time, run id, notes for the
     record, which rank 0 also prints)."""
     args.grad_accum_steps(world_size)
+    # not a field: the flags given as auto, which a continued run decides again on its own machine
+    args.given_auto = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) is None}
     notes = [note for note in (stop.plan(args), cap_memory(args, device)) if note]
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     started, run_id = new_run_id()
@@ -658,18 +660,17 @@ def choose_device_batch_size(model, args, world_size, device, fits=None, forward
         candidates = [
             s for s in candidates if activation_bytes(model, args, s, device) <= free
         ] or last_resort
-        if not candidates:
-            raise ConfigError(f"not even one sequence of {args.seq_len} tokens fits, by the estimate")
-        gib = activation_bytes(model, args, candidates[0], device) / 2**30
+        gib = activation_bytes(model, args, (candidates or [1])[0], device) / 2**30
         estimate = f"; estimated activations {gib:.1f} GiB"
-        estimate += f" at {candidates[0]}" + (f" of {free / 2**30:.1f} GiB free" if free < math.inf else "")
-        fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
-    chosen = next((size for size in candidates if fits(size)), None)
-    if chosen is None:
-        raise ConfigError(
-            f"not even one sequence of {args.seq_len} tokens fits in {device_name(device)}'s memory"
+        estimate += f" at {(candidates or [1])[0]}" + (
+            f" of {free / 2**30:.1f} GiB free" if free < math.inf else ""
         )
-    chosen = smallest_of_all_ranks(chosen, world_size, device)
+        fits = lambda size: probe_fits(model, args, size, device, forward_kwargs=forward_kwargs)  # noqa: E731
+    # every rank takes the smallest choice, "none fits" (0) included: no rank branches to micro_tokens alone
+    chosen = smallest_of_all_ranks(next((size for size in candidates if fits(size)), 0), world_size, device)
+    if not chosen:
+        where = f"in {device_name(device)}'s memory" if candidates else "by the estimate"
+        raise ConfigError(f"not even one sequence of {args.seq_len} tokens fits {where}")
     larger = [size for size in candidates if size > chosen]
     return chosen, f"auto: the largest that fits{f'; {larger[-1]} did not' if larger else ''}{estimate}"
 
@@ -695,6 +696,7 @@ def choose_micro_steps(model, args, world_size, device, forward_kwargs=None):
         # The probe compiled outside DDP, and dynamo splits a graph for DDP's bucketed all-reduce only when it
         # compiles it: forget the probe's graphs, so that training compiles once more inside DDP.
         torch._dynamo.reset()
+        FirstCalls.times.clear()
     return f"device_batch_size: {args.device_batch_size} ({reason})"
 
 
@@ -734,6 +736,9 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train_gpt2.py checkpoint")
+    if "muon_momentum" in checkpoint and "adam" in checkpoint:  # written before optimizers were saved by name
+        muon = dict(momentum_buffers=checkpoint.pop("muon_momentum"))
+        checkpoint["optimizers"] = dict(adam=checkpoint.pop("adam"), muon=muon)
     return checkpoint
 
 
@@ -1004,8 +1009,9 @@ class Monitor:
     def checkpoint_due(self, step):
         """A save every rank agreed on, a stop (which saves first: torchrun kills its workers 30 s after it
         forwards a signal), or the end of a run that saves at all."""
-        at_the_end = step == self.args.num_iterations and self.args.save_final
-        return step > self.run.start_step and (self.save_agreed or self.stop_agreed or at_the_end)
+        if step == self.args.num_iterations:  # the run is done: only --save_final decides
+            return step > self.run.start_step and self.args.save_final
+        return step > self.run.start_step and (self.save_agreed or self.stop_agreed)
 
     def save(self, step):
         with self.untimed():
@@ -1355,6 +1361,7 @@ def continue_command(run, step):
     nodes: the command of this node."""
     args, (variables, argv) = run.args, launcher(run)
     names = dict.fromkeys([*fields_of_kind(type(args), "machine", "output"), *PATH_FLAGS])
+    names = [name for name in names if name not in getattr(args, "given_auto", ())]  # auto decides again
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
     run_sh = bool(variables)  # starts the trainer in run.sh's folder: a relative default means the same there
     flags = [

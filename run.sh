@@ -126,7 +126,8 @@ set +m
 exec 4>&-
 # wait returns early for each signal forwarded; the status is torchrun's once it has exited
 while wait "$torchrun_pid"; status=$?; kill -0 "$torchrun_pid" 2>/dev/null; do :; done
-wait "$filter_pid"
+# the filter ends with torchrun's output; a signal meanwhile returns early: wait again (set -e would exit)
+while ! wait "$filter_pid"; do kill -0 "$filter_pid" 2>/dev/null || break; done
 if [ "$signal" != 0 ]; then
   rm -f "$log"
   exit $((128 + signal))  # torchrun exits 1 after any signal; the trainer stopped on this one

@@ -374,7 +374,7 @@ class GPT(nn.Module):
         self.logit_softcap, self.rope_base, self.head_dim = logit_softcap, rope_base, model_dim // num_heads
         self.document_mask, self.eot_token = parts.get("document_mask", False), parts.get("eot_token", 50256)
         self.window_tokens = parts.get("window_tokens", 0)  # the last step's window: a forward without one
-        self.flex_attention = False  # compile_model's choice on CUDA: FlexAttention, compiled
+        self.use_flex_attention = False  # compile_model's choice on CUDA: FlexAttention, compiled
         self.embed = nn.Embedding(vocab_size, model_dim)
         self.blocks = nn.ModuleList(Block(model_dim, num_heads, mlp_ratio) for _ in range(num_layers))
         self.skip_weights = nn.Parameter(torch.empty(num_layers // 2)) if parts.get("unet_skips") else None
@@ -427,7 +427,7 @@ class GPT(nn.Module):
         docs = (idx == self.eot_token).cumsum(1) if self.document_mask else torch.zeros_like(idx)
         if window is None:
             window = torch.tensor(self.window_tokens or idx.size(1), device=idx.device)
-        if self.flex_attention:
+        if self.use_flex_attention:
             return flex_block_mask(docs, window)
         # a chunk >= the largest window - 1 is exact for every step's window, and static: no recompile
         return chunked_masks(docs, window, max((self.window_tokens or idx.size(1)) - 1, ATTENTION_CHUNK))
@@ -478,7 +478,7 @@ def inductor_options(args):  # the 8 Nov record tuned launches; later public rec
 def compile_model(model, args):
     """The model, its trunk compiled (static shapes: one graph per size) and timed (harness.FirstCalls); on
     CUDA its masks are FlexAttention's, which only compiled code runs fast (and has no CPU backward)."""
-    model.flex_attention = model.embed.weight.is_cuda
+    model.use_flex_attention = model.embed.weight.is_cuda
     model.trunk = harness.FirstCalls(
         torch.compile(model.trunk, dynamic=False, options=inductor_options(args))
     )

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import (
     ROOT,
     TINY_FLAGS,
@@ -234,3 +236,27 @@ def test_document_mask_on_data_without_documents_is_noted(tmp_path):
 def test_memory_limit_on_the_cpu_is_noted(shards):
     assert train_gpt2.main(TINY_FLAGS + shards + STEPS + ["--memory_limit_gb=23"]) == 0
     assert re.search(r"^memory_limit_gb: 23.0 ignored", read_record(shards.records_dir), re.M)
+
+
+def test_the_continue_command_leaves_auto_flags_to_decide_again(shards):
+    """A micro-batch that auto chose on this machine is chosen again where the run continues."""
+    flags = [f for f in TINY_FLAGS if not f.startswith("--device_batch_size")] + ["--max_hours=1e-9"]
+    assert train_gpt2.main(flags + shards + STEPS + ["--device_batch_size=auto"]) == 0
+    stopped, _ = last_lines(read_record(shards.records_dir))
+    assert "continue with: " in stopped and "--device_batch_size" not in stopped and "--device=cpu" in stopped
+
+
+def test_save_final_false_decides_the_last_step_even_at_an_agreed_stop(shards):
+    args = parse_args(TINY_FLAGS + ["--num_iterations=6", "--warmdown_iters=2", "--save_final=false"])
+    monitor = harness.Monitor(SimpleNamespace(args=args, start_step=0), harness.StopRequest(), train_gpt2, [])
+    monitor.stop_agreed = True  # a signal during the last step
+    assert not monitor.checkpoint_due(6) and monitor.checkpoint_due(5)
+
+
+def test_the_probe_never_lets_one_rank_branch_alone(monkeypatch):
+    """Another rank found no whole sequence that fits: this one, whose 8 fit, refuses with it, so that every
+    rank takes the --micro_tokens route together."""
+    monkeypatch.setattr(harness, "smallest_of_all_ranks", lambda chosen, world_size, device: 0)
+    args = parse_args(["--batch_size=16", "--seq_len=64", "--val_tokens=1024"])
+    with pytest.raises(harness.ConfigError, match="not even one sequence"):
+        harness.choose_device_batch_size(None, args, 2, torch.device("cpu"), fits=lambda size: size <= 8)

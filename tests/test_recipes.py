@@ -437,7 +437,7 @@ def test_a_compiled_forward_builds_the_block_mask_outside_its_graph_and_never_re
     model = GPT.from_args(args)
     compiled = train_gpt2.compile_model(GPT.from_args(args), args)
     compiled.load_state_dict(model.state_dict())
-    compiled.flex_attention = True
+    compiled.use_flex_attention = True
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for seed, step in [(1, 0), (2, 0), (3, 900), (4, 1750)]:

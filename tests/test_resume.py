@@ -63,6 +63,23 @@ def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(shards, tmp_pat
     assert "step:10/20 train_loss" not in resumed  # it starts after step 10
 
 
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(shards, tmp_path, uninterrupted, capsys):
+    """Checkpoints written before optimizers were saved by name (adam, muon_momentum) still continue."""
+    full, checkpoint = uninterrupted
+    old = torch.load(checkpoint, weights_only=True)
+    optimizers = old.pop("optimizers")
+    old.update(adam=optimizers["adam"], muon_momentum=optimizers["muon"]["momentum_buffers"])
+    torch.save(old, tmp_path / "old-step000010.pt")
+    resumed = run_in_process(
+        shards.data
+        + [f"--checkpoint_dir={shards.checkpoint_dir}"]
+        + STEPS
+        + [f"--resume={tmp_path}/old-step000010.pt"],
+        tmp_path / "resumed",
+    )
+    assert step_losses(resumed, 10) == step_losses(full, 10)
+
+
 def test_resumed_run_inherits_the_training_knobs(shards, tmp_path, uninterrupted, capsys):
     _, checkpoint = uninterrupted
     resumed = run_in_process([f"--resume={checkpoint}"], tmp_path / "resumed")  # no other flag
