@@ -97,7 +97,9 @@ def log_name():
 def test_a_short_budget_still_puts_the_first_numbers_in_the_log(tmp_path):
     status, console, log, _ = check_dry_run(tmp_path, seconds=60)
     assert re.search(r"^gpu_check: default: [\d.]+ ms/step, [\d,]+ tokens/s, MFU ", log, re.M), log
-    assert re.search(r"^=== default recipe through run.sh \(deadline 24s\)$", log, re.M)  # 170 of 420, scaled
+    # its deadline: 170 of 420 scaled to 60 (24 s), cut shorter when the versions stage ran long (under load)
+    deadline = re.search(r"^=== default recipe through run.sh \(deadline (\d+)s\)$", log, re.M)
+    assert deadline and 5 <= int(deadline[1]) <= 24, log
     assert log == console and "budget 60s" in log
 
 
