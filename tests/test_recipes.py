@@ -402,6 +402,11 @@ def test_the_block_mask_equals_the_dense_document_causal_window_mask(block):
     docs = random_docs(2, seq, 5)
     docs[1] = 0  # one document: full blocks wherever the window holds a whole block pair
     n = -(-seq // block)
+
+    def expand(blocks):
+        """Block level to element level, cut to the sequence."""
+        return blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq]
+
     for window in (1, 7, 33, 64, 130, 300):
         mask = flex_block_mask(docs, torch.tensor(window), block)
         assert mask.kv_indices.shape == (2, 1, n, n)  # block level: (seq/block)^2 entries per sequence
@@ -410,7 +415,6 @@ def test_the_block_mask_equals_the_dense_document_causal_window_mask(block):
         assert not (partial & full).any()
         q, k = positions[:, None], positions[None, :]
         dense = (k <= q) & (q - k < window) & (docs[:, :, None] == docs[:, None, :])
-        expand = lambda blocks: blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq]  # noqa: E731
         rule = torch.stack([mask.mask_mod(b, 0, q, k) for b in range(2)])
         assert torch.equal(expand(full) | (expand(partial) & rule), dense), window
         if seq >= 3 * block:  # unpadded query blocks past the first: full where the window allows it
