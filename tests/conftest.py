@@ -20,12 +20,10 @@ from data.shards import write_shard  # noqa: E402
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-# A suite started in the background by a script (`cmd &`) inherits SIGINT and SIGQUIT ignored, as would every
-# child; the Ctrl-C tests act as a terminal's user, whose shell leaves both at their defaults.
+# A suite started in the background by a script (`cmd &`) inherits SIGINT ignored, as would every child; the
+# Ctrl-C tests act as a terminal's user, whose shell leaves it at the default.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 TINY_VOCAB = 256
 # A tiny model on the recipe's code path: 2 blocks, width 64, 2 heads of 32, sequences of 32 tokens.
