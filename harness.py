@@ -411,6 +411,10 @@ class Clock:
             self.train_ms += 1000 * (now - self.since)
             self.timed_steps, self.since = self.timed_steps + count_step, now
 
+    def stop(self):
+        """The run ends at this step: what follows (validation, the save, the summary) is not train time."""
+        self.since = None
+
     def __str__(self):  # the speedrun's timing fields; step_avg is nan until a step is timed
         step_avg = self.train_ms / self.timed_steps if self.timed_steps else float("nan")
         return f"train_time:{self.train_ms:.0f}ms step_avg:{step_avg:.2f}ms"
@@ -1005,6 +1009,8 @@ class Monitor:
         if self.run.start_step < step < self.args.num_iterations and not self.stop_agreed:
             wanted = torch.tensor(float(self.stop.requested()), device=self.run.device)
             self.stop_agreed = all_reduce(wanted, self.run.world_size).item() > 0
+            if self.stop_agreed:
+                self.run.clock.stop()
 
     def checkpoint_due(self, step):
         """A save every rank agreed on, a stop (which saves first: torchrun kills its workers 30 s after it
@@ -1066,6 +1072,8 @@ class Monitor:
                 f"train loss is {train_loss} at step {step}: lower the learning rates or check the data"
             )
         self._start_clock_after(step)
+        if self.stop_agreed or step == args.num_iterations:
+            run.clock.stop()
         if args.compile and step == run.start_step + args.untimed_steps + 1:  # the first timed step is done
             self.log(compile_line())
         if args.progress_seconds and time.monotonic() - self.progress_at >= args.progress_seconds:

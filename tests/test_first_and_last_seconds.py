@@ -151,7 +151,8 @@ def test_startup_counts_from_the_process_start(shards):
     assert harness.StopRequest().started < IMPORTED  # the process began before this module was imported
     assert train_gpt2.main(TINY_FLAGS + shards + STEPS) == 0
     startup = float(re.search(r"startup_s:([\d.]+)", read_record(shards.records_dir))[1])
-    assert startup >= running  # the whole life of this process so far, not the run's own start-up
+    # the whole life of this process so far, not the run's own start-up (the record gives tenths)
+    assert startup >= round(running, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,11 +168,19 @@ def test_a_signal_during_validation_saves_at_that_step(shards, monkeypatch, tmp_
             os.kill(os.getpid(), signal.SIGTERM)  # training has begun: the handler only notes it
         return evaluate(model, loader, args, accum_steps, world_size, step)
 
+    def slow_all_reduce(*args, _all_reduce=harness.all_reduce, **kwargs):
+        time.sleep(0.05)  # after step 4's val line: the stop vote, then the save, neither of them train time
+        return _all_reduce(*args, **kwargs)
+
     monkeypatch.setattr(train_gpt2, "evaluate", signal_during_step_4s_validation)
+    monkeypatch.setattr(harness, "all_reduce", slow_all_reduce)
     flags = TINY_FLAGS + shards + STEPS[:2] + ["--val_loss_every=2", "--save_every_minutes=0"]
     assert train_gpt2.main(flags) == 128 + signal.SIGTERM
-    stopped, _ = last_lines(read_record(shards.records_dir))
+    record = read_record(shards.records_dir)
+    stopped, summary = last_lines(record)
     assert stopped.startswith("stopped: SIGTERM at step 4: checkpoint saved") and steps == [0, 2, 4]
+    val_time = re.search(r"^step:4/\d+ val_loss:\S+ (train_time:\d+ms) ", record, re.M)[1]
+    assert f" {val_time} " in summary  # the timed total ends at the val line
     assert [p[-9:] for p in glob.glob(f"{shards.checkpoint_dir}/run/*.pt")] == ["000004.pt"]
 
 
